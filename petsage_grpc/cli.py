@@ -1,0 +1,93 @@
+"""The ``petsage-grpc`` command: ``serve`` and ``smoke``.
+
+``main(argv)`` returns the exit code and is the only place that configures
+logging or reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from petsage_grpc import __version__, config
+
+#: Exit code for bad flags or settings, in every subcommand (as grpc_health_probe).
+EXIT_USAGE = 1
+#: Exit code of ``serve`` when it cannot listen on its address.
+EXIT_CANNOT_LISTEN = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with :data:`EXIT_USAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``message``, then exit with :data:`EXIT_USAGE`."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from petsage_grpc import smoke_cli
+
+    parser = _Parser(
+        prog="petsage-grpc",
+        description="PetSage health and smoke-test service over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Serve SmokeTestService, grpc.health.v1.Health and reflection. "
+        f"Every flag may also be set by its {config.ENV_PREFIX}<FLAG> variable; flags win.",
+    )
+    config.add_arguments(serve)
+    smoke_cli.add_parser(commands)
+    return parser
+
+
+def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Validate settings, set up logging, then run the server until a signal."""
+    from petsage_grpc import logs, server
+    from petsage_grpc.sinks import FileSink, Sink, StdoutSink
+
+    try:
+        settings = config.resolve(args, environ)
+    except config.SettingError as exc:
+        print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sinks: list[Sink] = [StdoutSink()]
+    if settings.log_file is not None:
+        try:
+            sinks.append(FileSink(settings.log_file))
+        except OSError as exc:
+            print(f"petsage-grpc serve: error: cannot open --log-file {settings.log_file!r}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(server.serve(settings, pipeline))
+    except server.BindError as exc:
+        print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    finally:
+        pipeline.close()
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    environ = os.environ if environ is None else environ
+    if args.command == "serve":
+        return _serve(args, environ)
+    from petsage_grpc import smoke_cli
+
+    return smoke_cli.run(args)

@@ -1,0 +1,153 @@
+"""Settings of ``petsage-grpc serve``, read from flags and ``PETSAGE_GRPC_*`` variables.
+
+Every setting is one :class:`Setting` row: the flag ``--log-file`` reads the
+variable ``PETSAGE_GRPC_LOG_FILE`` when the flag is absent; flags win.  A bad
+value raises :class:`SettingError` naming the setting and where the value
+came from, so the program stops before it binds with one precise line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "PETSAGE_GRPC_"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# HOST:PORT with an optional [IPv6] host; grpc also takes unix:PATH.
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
+
+
+class SettingError(ValueError):
+    """A setting has a value the server cannot use; the message names the setting."""
+
+
+def parse_address(value: str) -> str:
+    """Accept ``HOST:PORT`` (port 0..65535; ``[::1]:0`` style for IPv6) or ``unix:PATH``."""
+    if value.startswith("unix:") and len(value) > len("unix:"):
+        return value
+    match = _ADDRESS.match(value)
+    if match is None:
+        raise ValueError("expected HOST:PORT (e.g. [::]:50051 or 127.0.0.1:0) or unix:PATH")
+    if int(match["port"]) > 65535:
+        raise ValueError("port should be in 0..65535")
+    return value
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """Build a parser for a finite number of seconds above ``minimum``."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+            raise ValueError(f"should be {'≥' if inclusive else '>'} {minimum:g} seconds")
+        return number
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[str], str]:
+    """Build a parser accepting one of ``choices`` (after ``fold``, e.g. upper-casing)."""
+
+    def parse(value: str) -> str:
+        folded = fold(value)
+        if folded not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return folded
+
+    return parse
+
+
+def _path(value: str) -> str:
+    """Accept a non-empty path (the file is opened, and checked, at start-up)."""
+    if not value.strip():
+        raise ValueError("expected a file path")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its flag, its environment variable and its parser."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--log-file``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        """The environment variable, e.g. ``PETSAGE_GRPC_LOG_FILE``."""
+        return ENV_PREFIX + self.name.upper()
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Validated settings of one ``serve`` run; the defaults suit a developer's laptop."""
+
+    address: str = "[::]:50051"
+    log_format: str = "text"
+    log_file: str | None = None
+    log_level: str = "INFO"
+    grace: float = 10.0
+    log_timeout: float = 1.0
+    check_interval: float = 10.0
+
+
+_DEFAULTS = ServeSettings()
+SETTINGS: tuple[Setting, ...] = (
+    Setting("address", parse_address, _DEFAULTS.address,
+            "address to listen on; port 0 picks a free port and the log names it", "HOST:PORT"),
+    Setting("log_format", _choice(LOG_FORMATS, str.lower), _DEFAULTS.log_format,
+            "log line format: text (classic) or json (one object per line)", "{text,json}"),
+    Setting("log_file", _path, _DEFAULTS.log_file,
+            "also append every log record to this file (stdout is always a sink)", "PATH"),
+    Setting("log_level", _choice(LOG_LEVELS, str.upper), _DEFAULTS.log_level,
+            "lowest level logged; the logging probe is always written", "LEVEL"),
+    Setting("grace", _seconds(0, True), _DEFAULTS.grace,
+            "on SIGTERM/SIGINT, seconds in-flight calls get to finish", "SECONDS"),
+    Setting("log_timeout", _seconds(0, False), _DEFAULTS.log_timeout,
+            "seconds the logging check waits for every sink to confirm its record", "SECONDS"),
+    Setting("check_interval", _seconds(0, False), _DEFAULTS.check_interval,
+            "seconds between background runs of the logging check", "SECONDS"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; values stay raw strings until :func:`resolve`."""
+    for setting in SETTINGS:
+        default = "none" if setting.default is None else setting.default
+        parser.add_argument(
+            setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
+            help=f"{setting.help} [env {setting.env}; default {default}]",
+        )
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
+    """Combine flags (which win) with environment variables, validating each value."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: str | None = getattr(args, setting.name)
+        source = setting.flag
+        if raw is None and setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        if raw is None:
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingError(f"invalid {source}={raw!r}: {exc}") from None
+    return dataclasses.replace(_DEFAULTS, **values)

@@ -1,0 +1,153 @@
+"""The ``grpc.health.v1.Health`` service: Check, Watch and List over a status table.
+
+Statuses are set on the event loop's thread only.  A change is handed to
+watchers by setting an ``asyncio.Event`` per watcher (never by awaiting a
+send while holding anything), so a slow or vanished watcher cannot stall the
+others, and no watcher holds a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2 as _health_pb2
+from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
+
+from petsage_grpc.checks import CheckOutcome
+
+_LOGGER = logging.getLogger(__name__)
+
+ServingStatus = _health_pb2.HealthCheckResponse.ServingStatus
+SERVING = _health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = _health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = _health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+SERVICE_NAME = _health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+OVERALL = ""
+LIVENESS = "liveness"
+READINESS = "readiness"
+#: List answers RESOURCE_EXHAUSTED past this many services, as grpc-go does.
+MAX_LIST_SERVICES = 100
+#: Concurrent Watch streams allowed before RESOURCE_EXHAUSTED.
+DEFAULT_MAX_WATCHERS = 10_000
+
+# One immutable answer per status, built once: Check allocates nothing.
+_ANSWERS = {
+    status: _health_pb2.HealthCheckResponse(status=status)
+    for status in ServingStatus.values()
+}
+
+
+class _Watcher:
+    """One open Watch stream: the service it watches and its wake-up event."""
+
+    __slots__ = ("service", "wakeup")
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.wakeup = asyncio.Event()
+
+
+class HealthServicer(_health_pb2_grpc.HealthServicer):
+    """Serves the status table; :meth:`set` and :meth:`shutdown` change it."""
+
+    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+        self._statuses: dict[str, ServingStatus] = {}
+        self._watchers: set[_Watcher] = set()
+        self._max_watchers = max_watchers
+        self._closing = False  # once True, statuses are frozen and watches end
+
+    def set(self, service: str, status: ServingStatus, reason: str = "") -> None:
+        """Publish ``status`` for ``service`` and wake its watchers (loop thread only)."""
+        if self._closing:
+            return
+        self._set_unchecked(service, status, reason)
+
+    def _set_unchecked(self, service: str, status: ServingStatus, reason: str) -> None:
+        old = self._statuses.get(service)
+        if old == status:
+            return
+        self._statuses[service] = status
+        _LOGGER.info(
+            "health status of %r: %s -> %s (%s)", service,
+            "UNKNOWN" if old is None else ServingStatus.Name(old),
+            ServingStatus.Name(status), reason or "set",
+        )
+        for watcher in self._watchers:
+            if watcher.service == service:
+                watcher.wakeup.set()
+
+    def shutdown(self, keep_serving: tuple[str, ...] = (LIVENESS,)) -> None:
+        """Turn every status but ``keep_serving`` NOT_SERVING, then end every Watch.
+
+        Later calls to :meth:`set` are ignored, so nothing turns SERVING again.
+        """
+        for service in list(self._statuses):
+            if service not in keep_serving:
+                self._set_unchecked(service, NOT_SERVING, "server is shutting down")
+        self._closing = True
+        for watcher in self._watchers:
+            watcher.wakeup.set()
+
+    def statuses(self) -> Mapping[str, ServingStatus]:
+        """A read-only view of every published status."""
+        return self._statuses
+
+    async def Check(
+        self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> _health_pb2.HealthCheckResponse:
+        """Answer the cached status of one service, or NOT_FOUND."""
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return _ANSWERS[status]
+
+    async def List(
+        self, request: _health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> _health_pb2.HealthListResponse:
+        """Answer a snapshot of every service and its status."""
+        if len(self._statuses) > MAX_LIST_SERVICES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server health list exceeds maximum capacity: {MAX_LIST_SERVICES}",
+            )
+        response = _health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status
+        return response
+
+    async def Watch(  # type: ignore[override]
+        self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[_health_pb2.HealthCheckResponse]:
+        """Send the current status, then each change, until the stream ends."""
+        if len(self._watchers) >= self._max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many watchers (limit {self._max_watchers})"
+            )
+        watcher = _Watcher(request.service)
+        self._watchers.add(watcher)
+        try:
+            sent = None
+            while True:
+                watcher.wakeup.clear()
+                status = self._statuses.get(watcher.service, SERVICE_UNKNOWN)
+                if status != sent:
+                    sent = status
+                    yield _ANSWERS[status]
+                if self._closing:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect elsewhere"
+                    )
+                await watcher.wakeup.wait()
+        finally:
+            self._watchers.discard(watcher)
+
+
+def statuses_from_checks(results: Mapping[str, CheckOutcome]) -> tuple[bool, str]:
+    """Whether every critical check passes, and the reason when one does not."""
+    failing = [r for r in results.values() if r.critical and not r.ok]
+    if failing:
+        return False, "; ".join(f"check {r.name} failing: {r.detail}" for r in failing)
+    return True, "all critical checks pass"

@@ -1,0 +1,249 @@
+"""Logging setup and the delivery-confirming log pipeline.
+
+A log call only appends the record to a bounded queue (it never blocks an
+RPC); one writer thread formats records and writes each batch to every sink
+with ``os.write``, so a write error surfaces at once instead of hiding in a
+buffer.  :meth:`LogPipeline.confirm` writes one INFO record tagged with a
+unique id and waits, bounded, until the writer reports what every sink did
+with it: that is the logging check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from petsage_grpc.sinks import Sink
+
+#: Logger of the probe records; its level is pinned to INFO so that a
+#: stricter ``--log-level`` never filters the probe out.
+PROBE_LOGGER = "petsage_grpc.logprobe"
+#: Attribute of a probe record that carries its id.
+PROBE_ATTR = "petsage_probe_id"
+TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+#: Records the queue holds before new ones are dropped (and counted).
+QUEUE_SIZE = 10_000
+#: Records written to the sinks in one ``os.write``.
+BATCH_SIZE = 256
+_STOP = object()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a single-line JSON object."""
+        stamp = datetime.fromtimestamp(record.created, timezone.utc)
+        entry: dict[str, object] = {
+            "time": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        probe_id = getattr(record, PROBE_ATTR, None)
+        if probe_id is not None:
+            entry["probe_id"] = probe_id
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    """The formatter for ``text`` (the classic line) or ``json``."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the sinks did with one probe record: ``errors`` maps sink → error."""
+
+    probe_id: str
+    sinks: tuple[str, ...]
+    errors: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        """True when every sink took the record."""
+        return not self.errors
+
+
+class _QueueHandler(logging.Handler):
+    """Puts records on the pipeline's queue; never blocks the caller."""
+
+    def __init__(self, pipeline: LogPipeline) -> None:
+        super().__init__()
+        self._pipeline = pipeline
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Render arguments now: they may change after the call returns.
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        self._pipeline.enqueue(record)
+
+
+class LogPipeline:
+    """A queue, one writer thread and the sinks it writes to."""
+
+    def __init__(self, sinks: Sequence[Sink], formatter: logging.Formatter) -> None:
+        self.sinks = tuple(sinks)
+        self._formatter = formatter
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_SIZE)
+        self._waiters: dict[str, Callable[[Delivery], None]] = {}
+        self._failure_listeners: list[Callable[[], None]] = []
+        # Records lost: to a full queue (any thread, under the lock) and to
+        # failed sink writes (counted per sink, by the writer thread only).
+        self._dropped_lock = threading.Lock()
+        self._dropped_queue = 0
+        self._dropped_write = 0
+        self.handler = _QueueHandler(self)
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side (any thread) -------------------------------------------------
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """Queue ``record``; when the queue is full, drop and count it."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            with self._dropped_lock:
+                self._dropped_queue += 1
+            probe_id = getattr(record, PROBE_ATTR, None)
+            if probe_id is not None:
+                self._resolve(probe_id, {"queue": f"log queue full ({QUEUE_SIZE} records waiting)"})
+
+    @property
+    def dropped(self) -> int:
+        """Records that did not reach a sink: queue overflows plus failed writes per sink."""
+        return self._dropped_queue + self._dropped_write
+
+    def add_failure_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the writer thread) when a sink starts failing."""
+        self._failure_listeners.append(listener)
+
+    async def confirm(self, timeout: float) -> Delivery:
+        """Write a tagged INFO record and wait until every sink has reported on it.
+
+        Raises ``TimeoutError`` naming the cause when the writer does not
+        answer within ``timeout`` seconds (a stuck write or a dead thread).
+        """
+        if not self._thread.is_alive():
+            raise TimeoutError("the log writer thread is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Delivery] = loop.create_future()
+        probe_id = uuid.uuid4().hex
+
+        def deliver(result: Delivery) -> None:  # runs in the writer thread
+            loop.call_soon_threadsafe(_set_if_pending, future, result)
+
+        self._waiters[probe_id] = deliver
+        try:
+            logging.getLogger(PROBE_LOGGER).info(
+                "logging probe %s", probe_id, extra={PROBE_ATTR: probe_id}
+            )
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the log writer did not confirm probe {probe_id} within {timeout:g}s"
+                " (a sink write is blocked or the writer is stuck)"
+            ) from None
+        finally:
+            self._waiters.pop(probe_id, None)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the writer and close the sinks."""
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            for sink in self.sinks:
+                sink.close()
+
+    # -- writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_SIZE:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [r for r in batch if isinstance(r, logging.LogRecord)]
+            if records:
+                self._write(records)
+            if len(records) < len(batch):
+                return
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        data = "".join(self._format(r) + "\n" for r in records).encode("utf-8", "replace")
+        errors: dict[str, str] = {}
+        for sink in self.sinks:
+            was_failing = sink.error is not None
+            sink.write(data)  # records its own error; never raises
+            if sink.error is not None:
+                errors[sink.name] = sink.error
+                self._dropped_write += len(records)
+                if not was_failing:
+                    for listener in self._failure_listeners:
+                        listener()
+        for record in records:
+            probe_id = getattr(record, PROBE_ATTR, None)
+            if probe_id is not None:
+                self._resolve(probe_id, errors)
+
+    def _format(self, record: logging.LogRecord) -> str:
+        try:
+            return self._formatter.format(record).replace("\n", "\n    ")
+        except Exception as exc:  # a bad record must not kill the writer
+            return f"{time.time():.6f} - unformattable log record from {record.name}: {exc!r}"
+
+    def _resolve(self, probe_id: str, errors: dict[str, str]) -> None:
+        waiter = self._waiters.get(probe_id)
+        if waiter is not None:
+            waiter(Delivery(probe_id, tuple(s.name for s in self.sinks), dict(errors)))
+
+
+def _set_if_pending(future: asyncio.Future[Delivery], result: Delivery) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline:
+    """Route every log record of the process through a new :class:`LogPipeline`.
+
+    Only the entry point calls this.  Any handler already on the root logger
+    is replaced, so each record is written exactly once.
+    """
+    pipeline = LogPipeline(sinks, make_formatter(log_format))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(pipeline.handler)
+    root.setLevel(level)
+    logging.getLogger(PROBE_LOGGER).setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return pipeline
+
+
+def stderr_line(text: str) -> None:
+    """Write one line straight to stderr, bypassing the pipeline (for last words)."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
