@@ -6,7 +6,8 @@ the server closes this gate first: every call that reaches a handler after
 that gets UNAVAILABLE, which clients retry elsewhere, and ``stop()`` is only
 called once the calls in flight have finished.
 
-Handlers are wrapped once, at registration, through :class:`GatedRegistrar`,
+The gate also parses single requests, so that malformed bytes get
+INVALID_ARGUMENT.  Handlers are wrapped once, at registration, through :class:`GatedRegistrar`,
 so a call costs one extra coroutine frame and no interceptor.
 """
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -31,12 +33,16 @@ class Gate:
     def __init__(self) -> None:
         self.open = True
         self.in_flight = 0
+        self.refused = 0  # calls turned away since the gate closed
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusal = asyncio.Event()
+        self._last_refusal = 0.0  # time.monotonic() of the closing or latest refusal
 
     def close(self) -> None:
         """Refuse every later call with UNAVAILABLE."""
         self.open = False
+        self._last_refusal = time.monotonic()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the calls in flight; True if none remain."""
@@ -45,6 +51,28 @@ class Gate:
         except TimeoutError:
             return False
         return True
+
+    async def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Wait until no call has been refused for ``quiet`` seconds (at most ``timeout``).
+
+        Calls that reach grpcio just before ``stop()`` are cancelled by it
+        (grpc/grpc#41785); once clients have heard UNAVAILABLE and gone
+        elsewhere, none are left to be.  The quiet period counts from the
+        gate's closing or its latest refusal.  False if calls kept coming.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            quiet_from = self._last_refusal + quiet
+            if now >= quiet_from:
+                return True
+            if now >= deadline:
+                return False
+            self._refusal.clear()
+            try:
+                await asyncio.wait_for(self._refusal.wait(), min(quiet_from, deadline) - now)
+            except TimeoutError:
+                pass
 
     def _enter(self) -> None:
         self.in_flight += 1
@@ -59,17 +87,36 @@ class Gate:
         """Return ``handler`` with its behaviour gated (handlers are namedtuples)."""
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                return handler._replace(**{kind: self._gated(behaviour)})  # type: ignore[attr-defined, no-any-return]
+            if behaviour is None:
+                continue
+            parse = None if handler.request_streaming else handler.request_deserializer
+            if parse is not None:
+                # The gate parses single requests itself, so malformed bytes get
+                # INVALID_ARGUMENT instead of grpcio's UNKNOWN with a traceback.
+                handler = handler._replace(request_deserializer=None)  # type: ignore[attr-defined]
+            return handler._replace(**{kind: self._gated(behaviour, parse)})  # type: ignore[attr-defined, no-any-return]
         return handler
 
-    def _gated(self, behaviour: Any) -> Any:
+    def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None) -> Any:
         gate = self
+
+        async def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not gate.open:
+                gate.refused += 1
+                gate._last_refusal = time.monotonic()
+                gate._refusal.set()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if parse is None:
+                return request
+            try:
+                return parse(request)
+            except Exception:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {_message_name(parse)}")
+
         if inspect.isasyncgenfunction(behaviour):
 
             async def gated_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if not gate.open:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                request = await admit(request, context)
                 gate._enter()
                 try:
                     async for response in behaviour(request, context):
@@ -82,8 +129,7 @@ class Gate:
             raise TypeError(f"{behaviour!r}: the asyncio server needs async handlers")
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not gate.open:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            request = await admit(request, context)
             gate._enter()
             try:
                 return await behaviour(request, context)
@@ -91,6 +137,13 @@ class Gate:
                 gate._leave()
 
         return gated
+
+
+def _message_name(parse: Callable[[bytes], Any]) -> str:
+    """``petsage.smoke.v1.SmokeTestRequest`` for ``SmokeTestRequest.FromString``."""
+    message_class = getattr(parse, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request")
 
 
 class _GatedGenericHandler(grpc.GenericRpcHandler):

@@ -24,9 +24,12 @@ from datetime import datetime, timezone
 
 from petsage_grpc.sinks import Sink
 
-#: Logger of the probe records; its level is pinned to INFO so that a
-#: stricter ``--log-level`` never filters the probe out.
+#: Logger of the probe records.
 PROBE_LOGGER = "petsage_grpc.logprobe"
+#: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
+#: the sinks, and the few start/stop lines (which name the bound port) must
+#: stay visible.
+ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server")
 #: Attribute of a probe record that carries its id.
 PROBE_ATTR = "petsage_probe_id"
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
@@ -234,7 +237,8 @@ def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline
         root.removeHandler(handler)
     root.addHandler(pipeline.handler)
     root.setLevel(level)
-    logging.getLogger(PROBE_LOGGER).setLevel(logging.INFO)
+    for name in ALWAYS_INFO:
+        logging.getLogger(name).setLevel(min(logging.INFO, root.level))
     logging.captureWarnings(True)
     return pipeline
 

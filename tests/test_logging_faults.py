@@ -1,0 +1,199 @@
+"""Real logging faults: full disks, removed directories, broken and stuck pipes, closed stdout.
+
+Each fault must turn SmokeTest FAILING with the OS error, readiness (and the
+overall and smoke-service statuses) NOT_SERVING, leave liveness SERVING and
+the server answering, and, where the fault can clear, recover by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from petsage_grpc._proto.smoke.v1 import smoke_pb2
+from tests.support import SERVING_LINE, LineLog, ServerProcess, wait_for_file_line
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DEPENDENT = ("", "readiness", "petsage.smoke.v1.SmokeTestService")
+Start = Callable[..., ServerProcess]
+
+
+def assert_failing(server: ServerProcess, *fragments: str) -> smoke_pb2.CheckResult:
+    """SmokeTest FAILING with ``fragments`` in the logging detail; statuses follow."""
+    response = server.smoke()
+    assert response.status == smoke_pb2.STATUS_FAILING
+    assert response.message == "PetSage services are failing: logging."
+    [check] = response.checks
+    assert check.status == smoke_pb2.STATUS_FAILING
+    for fragment in fragments:
+        assert fragment in check.detail
+    for service in DEPENDENT:
+        assert server.health(service) == NOT_SERVING
+    assert server.health("liveness") == SERVING
+    return check
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full."""
+    with path.open("wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a disk that really fills up and can be freed again (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_log_file_on_full_device_fails_smoke_and_readiness(start_server: Start) -> None:
+    server = start_server("--log-file", "/dev/full")
+
+    assert_failing(server, "file /dev/full: [Errno 28] No space left on device")
+    assert server.smoke().status == smoke_pb2.STATUS_FAILING  # and it keeps answering
+
+
+def test_disk_full_then_freed_recovers(tiny_disk: Path, start_server: Start) -> None:
+    server = start_server("--log-file", str(tiny_disk / "server.log"), "--check-interval", "0.2")
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+
+    fill(tiny_disk / "filler")
+    # The log file's last page still has room: writes fail once it is used up.
+    for _ in range(200):
+        if server.smoke().status == smoke_pb2.STATUS_FAILING:
+            break
+    assert_failing(server, "No space left on device")
+
+    (tiny_disk / "filler").unlink()
+    server.wait_for_health("readiness", SERVING)
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+    assert server.health("") == SERVING
+
+
+def test_removed_log_directory_fails_then_recovers_when_recreated(start_server: Start, tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log_file = log_dir / "server.log"
+    server = start_server("--log-file", str(log_file), "--check-interval", "0.2")
+
+    shutil.rmtree(log_dir)
+    assert_failing(server, f"file {log_file}: [Errno 2] No such file or directory")
+
+    log_dir.mkdir()
+    server.wait_for_health("readiness", SERVING)
+    probe_id = server.smoke().checks[0].detail.split()[1]
+    assert probe_id in log_file.read_text()
+
+
+def test_broken_stdout_pipe_fails_smoke(start_server: Start, tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    server = start_server("--log-file", str(tmp_path / "server.log"), stdout=write_end, wait=False)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        for raw in reader:
+            match = SERVING_LINE.search(raw.decode())
+            if match:
+                server.address = match[1]
+                break
+    # The reader is gone: every write to stdout now fails with EPIPE.
+
+    assert_failing(server, "stdout: [Errno 32] Broken pipe")
+
+
+def test_stdout_closed_at_start_fails_smoke(start_server: Start, tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    server = start_server(
+        "--log-file", str(log_file), stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(1), wait=False
+    )
+    server.address = wait_for_file_line(log_file, SERVING_LINE.pattern)[1]
+
+    assert_failing(server, "stdout: [Errno 9] stdout was closed when the server started")
+
+
+def stall(pipe_write_end: int) -> None:
+    """Fill a pipe to capacity through a non-blocking description of our own.
+
+    Opening /proc/self/fd/N gives a new open file description, so O_NONBLOCK
+    here leaves the server's (blocking) one alone: its next write blocks.
+    """
+    own = os.open(f"/proc/self/fd/{pipe_write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(own, b"#" * 512)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(own)
+
+
+def start_on_small_pipe(start: Start, *args: str) -> tuple[ServerProcess, int, int]:
+    """A server whose stdout is a 4 KiB pipe we read until it serves, then stop reading."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    server = start(*args, stdout=write_end, wait=False)
+    line = b""
+    while not SERVING_LINE.search(line.decode()):
+        line = b""
+        while not line.endswith(b"\n"):
+            line += os.read(read_end, 1)
+    server.address = SERVING_LINE.search(line.decode())[1]  # type: ignore[index]
+    return server, read_end, write_end
+
+
+def test_stuck_log_writer_fails_smoke_then_recovers(start_server: Start) -> None:
+    server, read_end, write_end = start_on_small_pipe(
+        start_server, "--log-timeout", "0.3", "--check-interval", "0.2"
+    )
+    stall(write_end)
+
+    check = assert_failing(server, "the log writer did not confirm probe", "within 0.3s")
+    assert check.duration.ToNanoseconds() >= 300_000_000
+
+    drained = LineLog(os.fdopen(read_end, "rb"))  # read again: the writer gets unstuck
+    server.wait_for_health("readiness", SERVING)
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+    drained.wait_for("health status of 'readiness': NOT_SERVING -> SERVING")
+    os.close(write_end)
+
+
+def test_json_log_format_from_environment(start_server: Start) -> None:
+    server = start_server(env={"PETSAGE_GRPC_LOG_FORMAT": "json"})
+    probe_id = server.smoke().checks[0].detail.split()[1]
+
+    line = server.stdout.wait_for(probe_id).string
+    record = json.loads(line)
+    assert record["level"] == "INFO" and record["logger"] == "petsage_grpc.logprobe"
+    assert record["message"] == f"logging probe {probe_id}" and record["probe_id"] == probe_id
+    assert record["time"].endswith("Z")
+    for earlier in server.stdout.lines:
+        assert set(json.loads(earlier)) >= {"time", "level", "logger", "message"}
+
+
+def test_strict_log_level_still_writes_the_probe(start_server: Start) -> None:
+    server = start_server("--log-level", "warning")
+    response = server.smoke()
+
+    assert response.status == smoke_pb2.STATUS_OK
+    server.stdout.wait_for(response.checks[0].detail.split()[1])
+    info = [line for line in server.stdout.lines if " - INFO - " in line]
+    assert info and all(" - petsage_grpc.logprobe - " in line or " - petsage_grpc.server - " in line
+                        for line in info)
