@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from petsage_grpc.logs import LogPipeline
 
@@ -56,7 +56,7 @@ class CheckOutcome:
     detail: str
     duration: float
     critical: bool
-    finished_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 async def run_check(check: Check) -> CheckOutcome:

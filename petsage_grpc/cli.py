@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(serve)
     smoke_cli.add_parser(commands)
+    parser.set_defaults(subparsers=commands.choices)
     return parser
 
 
@@ -81,8 +82,11 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand, whose usage says what it takes
+            args.subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     environ = os.environ if environ is None else environ

@@ -93,8 +93,8 @@ class Gate:
             if parse is not None:
                 # The gate parses single requests itself, so malformed bytes get
                 # INVALID_ARGUMENT instead of grpcio's UNKNOWN with a traceback.
-                handler = handler._replace(request_deserializer=None)  # type: ignore[attr-defined]
-            return handler._replace(**{kind: self._gated(behaviour, parse)})  # type: ignore[attr-defined, no-any-return]
+                handler = handler._replace(request_deserializer=None)
+            return handler._replace(**{kind: self._gated(behaviour, parse)})
         return handler
 
     def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import TypeAlias
 
 import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
@@ -20,7 +21,8 @@ from petsage_grpc.checks import CheckOutcome
 
 _LOGGER = logging.getLogger(__name__)
 
-ServingStatus = _health_pb2.HealthCheckResponse.ServingStatus
+#: A ``HealthCheckResponse.ServingStatus`` value.
+ServingStatus: TypeAlias = int
 SERVING = _health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = _health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = _health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -36,7 +38,7 @@ DEFAULT_MAX_WATCHERS = 10_000
 # One immutable answer per status, built once: Check allocates nothing.
 _ANSWERS = {
     status: _health_pb2.HealthCheckResponse(status=status)
-    for status in ServingStatus.values()
+    for status in _health_pb2.HealthCheckResponse.ServingStatus.values()
 }
 
 
@@ -72,8 +74,8 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         self._statuses[service] = status
         _LOGGER.info(
             "health status of %r: %s -> %s (%s)", service,
-            "UNKNOWN" if old is None else ServingStatus.Name(old),
-            ServingStatus.Name(status), reason or "set",
+            "UNKNOWN" if old is None else _health_pb2.HealthCheckResponse.ServingStatus.Name(old),
+            _health_pb2.HealthCheckResponse.ServingStatus.Name(status), reason or "set",
         )
         for watcher in self._watchers:
             if watcher.service == service:
@@ -118,7 +120,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
             response.statuses[service].status = status
         return response
 
-    async def Watch(  # type: ignore[override]
+    async def Watch(
         self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[_health_pb2.HealthCheckResponse]:
         """Send the current status, then each change, until the stream ends."""

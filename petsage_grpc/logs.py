@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from petsage_grpc.sinks import Sink
 
@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as a single-line JSON object."""
-        stamp = datetime.fromtimestamp(record.created, timezone.utc)
+        stamp = datetime.fromtimestamp(record.created, UTC)
         entry: dict[str, object] = {
             "time": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "level": record.levelname,

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
@@ -88,7 +88,7 @@ class PetSageServer:
         )
         pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
         self.instance_id = smoke.new_instance_id()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self.address: str | None = None
         self._server = grpc.aio.server(options=SERVER_OPTIONS)
         registrar = GatedRegistrar(self._server, self.gate)

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
@@ -66,7 +66,7 @@ class SmokeTestServicer(_smoke_pb2_grpc.SmokeTestServiceServicer):
         self, request: _smoke_pb2.SmokeTestRequest, context: grpc.aio.ServicerContext
     ) -> _smoke_pb2.SmokeTestResponse:
         """Run the smoke test and report every check's outcome."""
-        ran_at = datetime.now(timezone.utc)
+        ran_at = datetime.now(UTC)
         fresh = await self._runner.run("logging")
         # Our own probe's outcome, not one a concurrent call may have cached since.
         outcomes = [fresh if o.name == fresh.name else o for o in self._runner.results.values()]

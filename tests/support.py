@@ -116,12 +116,14 @@ class ServerProcess:
     def smoke(self, timeout: float = RPC_TIMEOUT) -> smoke_pb2.SmokeTestResponse:
         """Call SmokeTest once."""
         stub = smoke_pb2_grpc.SmokeTestServiceStub(self.channel())
-        return stub.SmokeTest(smoke_pb2.SmokeTestRequest(), timeout=timeout)
+        response: smoke_pb2.SmokeTestResponse = stub.SmokeTest(smoke_pb2.SmokeTestRequest(), timeout=timeout)
+        return response
 
     def health(self, service: str, timeout: float = RPC_TIMEOUT) -> int:
         """Call Health/Check for ``service`` and return its status."""
         stub = health_pb2_grpc.HealthStub(self.channel())
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        return status
 
     def wait_for_health(self, service: str, status: int, timeout: float = PROCESS_TIMEOUT) -> None:
         """Watch ``service`` until it reports ``status`` (an event, not a poll)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -12,17 +12,17 @@ from tests.support import RPC_TIMEOUT, ServerProcess
 
 
 def test_smoke_test_reports_ok_with_timestamp_in_call_window(server: ServerProcess) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     response = server.smoke()
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
 
     assert response.status == smoke_pb2.STATUS_OK
     assert response.message == "PetSage services are running and logging is active."
-    ran_at = response.timestamp.ToDatetime(tzinfo=timezone.utc)
+    ran_at = response.timestamp.ToDatetime(tzinfo=UTC)
     assert before <= ran_at <= after
     assert response.server.version
     assert response.server.instance_id
-    assert response.server.start_time.ToDatetime(tzinfo=timezone.utc) <= ran_at
+    assert response.server.start_time.ToDatetime(tzinfo=UTC) <= ran_at
 
 
 def test_smoke_test_logging_check_names_a_record_that_reached_stdout(server: ServerProcess) -> None:

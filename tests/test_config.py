@@ -1,0 +1,83 @@
+"""Settings from flags and PETSAGE_GRPC_* variables: validation, precedence, help."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+from petsage_grpc import config
+from tests.support import ServerProcess, run_cli
+
+Start = Callable[..., ServerProcess]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--grace", "-1"], {}, "invalid --grace='-1': should be ≥ 0 seconds"),
+        (["--grace", "soon"], {}, "invalid --grace='soon': expected a number of seconds"),
+        (["--log-format", "xml"], {}, "invalid --log-format='xml': expected one of text, json"),
+        (["--address", "nowhere"], {}, "invalid --address='nowhere': expected HOST:PORT"),
+        (["--address", "127.0.0.1:70000"], {}, "invalid --address='127.0.0.1:70000': port should be in 0..65535"),
+        (["--log-timeout", "0"], {}, "invalid --log-timeout='0': should be > 0 seconds"),
+        (["--check-interval", "nan"], {}, "invalid --check-interval='nan': should be > 0 seconds"),
+        ([], {"PETSAGE_GRPC_GRACE": "abc"}, "invalid PETSAGE_GRPC_GRACE='abc': expected a number of seconds"),
+        ([], {"PETSAGE_GRPC_LOG_LEVEL": "LOUD"}, "invalid PETSAGE_GRPC_LOG_LEVEL='LOUD': expected one of DEBUG"),
+        ([], {"PETSAGE_GRPC_ADDRESS": "50051"}, "invalid PETSAGE_GRPC_ADDRESS='50051': expected HOST:PORT"),
+        ([], {"PETSAGE_GRPC_LOG_FILE": "/no/such/dir/x.log"},
+         "cannot open --log-file '/no/such/dir/x.log': No such file or directory"),
+    ],
+)
+def test_bad_setting_stops_before_binding_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    done = run_cli("serve", *args, env={"PETSAGE_GRPC_ADDRESS": "127.0.0.1:0", **env})
+
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("petsage-grpc serve: error: " + message)
+    assert "serving on" not in done.stdout
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    done = run_cli("serve", "--colour", "blue")
+
+    assert done.returncode == 1
+    assert "unrecognized arguments: --colour blue" in done.stderr
+
+
+def test_flag_wins_over_environment(start_server: Start) -> None:
+    server = start_server(
+        "--log-format", "text", "--grace", "1",
+        env={"PETSAGE_GRPC_LOG_FORMAT": "json", "PETSAGE_GRPC_GRACE": "not-a-number"},
+    )
+
+    assert " - petsage_grpc.server - INFO - serving on " in server.stdout.wait_for("serving on").string
+
+
+def test_address_from_environment(start_server: Start) -> None:
+    server = start_server(address="", env={"PETSAGE_GRPC_ADDRESS": "127.0.0.1:0"})
+
+    assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0")
+    assert server.health("") == 1
+
+
+def test_serve_help_documents_every_flag_and_variable() -> None:
+    done = run_cli("serve", "--help")
+
+    assert done.returncode == 0
+    for setting in config.SETTINGS:
+        assert setting.flag in done.stdout
+        assert setting.env in done.stdout
+
+
+def test_console_script_and_module_agree() -> None:
+    script = shutil.which("petsage-grpc")
+    assert script is not None, "pip install -e '.[test]' installs the petsage-grpc script"
+    from_script = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    from_module = run_cli("--version")
+
+    assert from_script.returncode == from_module.returncode == 0
+    assert from_script.stdout == from_module.stdout
+    assert from_script.stdout.startswith("petsage-grpc ")
