@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,14 @@ RPC_TIMEOUT = 5.0
 #: How long a server gets to start or stop.
 PROCESS_TIMEOUT = 15.0
 SERVING_LINE = re.compile(r"serving on (\S+:\d+)")
+
+
+def tool(name: str) -> str:
+    """The path of a command installed by ``pip install -e '.[test]'`` (fails if absent)."""
+    beside_python = Path(sysconfig.get_path("scripts")) / name
+    path = str(beside_python) if beside_python.exists() else shutil.which(name)
+    assert path is not None, f"{name} is missing: pip install -e '.[test]' installs it"
+    return path
 
 
 class LineLog:

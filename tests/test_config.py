@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from petsage_grpc import config
-from tests.support import ServerProcess, run_cli
+from tests.support import ServerProcess, run_cli, tool
 
 Start = Callable[..., ServerProcess]
 
@@ -73,11 +73,30 @@ def test_serve_help_documents_every_flag_and_variable() -> None:
 
 
 def test_console_script_and_module_agree() -> None:
-    script = shutil.which("petsage-grpc")
-    assert script is not None, "pip install -e '.[test]' installs the petsage-grpc script"
+    script = tool("petsage-grpc")
     from_script = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30, check=False)
     from_module = run_cli("--version")
 
     assert from_script.returncode == from_module.returncode == 0
     assert from_script.stdout == from_module.stdout
     assert from_script.stdout.startswith("petsage-grpc ")
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    text = README.read_text()
+
+    for setting in config.SETTINGS:
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{setting.flag} ")), None)
+        assert row is not None, setting.flag
+        assert f"`{setting.env}`" in row
+        assert (f"`{setting.default}`" if setting.default is not None else "| none |") in row
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    first_lines = README.read_text().split("```")[1].splitlines()
+    [test_command] = [line.split("  #")[0].strip() for line in first_lines if "pytest" in line]
+
+    assert test_command in (README.parent / ".ci" / "run").read_text().splitlines()

@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import tool
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path is not None, f"{name} is missing: pip install -e '.[test]' installs it"
-    return path
 
 
 def test_generated_code_is_fresh() -> None:

