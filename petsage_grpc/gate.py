@@ -37,15 +37,18 @@ class Gate:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refusal = asyncio.Event()
-        self._last_refusal = 0.0  # time.monotonic() of the closing or latest refusal
+        self._closed_at = 0.0  # time.monotonic() of close()
+        self._last_refusal = float("-inf")  # time.monotonic() of the latest refusal
 
     def close(self) -> None:
         """Refuse every later call with UNAVAILABLE."""
         self.open = False
-        self._last_refusal = time.monotonic()
+        self._closed_at = time.monotonic()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the calls in flight; True if none remain."""
+        if self.in_flight == 0:  # wait_for(timeout=0) would time out even then
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -58,16 +61,17 @@ class Gate:
         Calls that reach grpcio just before ``stop()`` are cancelled by it
         (grpc/grpc#41785); once clients have heard UNAVAILABLE and gone
         elsewhere, none are left to be.  The quiet period counts from the
-        gate's closing or its latest refusal.  False if calls kept coming.
+        gate's closing or its latest refusal.  False if a call was refused
+        within the last ``quiet`` seconds before the time ran out.
         """
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            quiet_from = self._last_refusal + quiet
+            quiet_from = max(self._closed_at, self._last_refusal) + quiet
             if now >= quiet_from:
                 return True
             if now >= deadline:
-                return False
+                return now - self._last_refusal >= quiet
             self._refusal.clear()
             try:
                 await asyncio.wait_for(self._refusal.wait(), min(quiet_from, deadline) - now)
