@@ -138,6 +138,9 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
                 if status != sent:
                     sent = status
                     yield _ANSWERS[status]
+                    # The status may have changed (and the server begun to
+                    # close) while the send was in progress: look again.
+                    continue
                 if self._closing:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect elsewhere"

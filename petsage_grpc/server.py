@@ -40,7 +40,7 @@ SERVICE_NAMES = (smoke.SERVICE_NAME, health.SERVICE_NAME, _reflection.SERVICE_NA
 # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
-QUIET_PERIOD = 0.1
+QUIET_PERIOD = 0.2
 
 
 class BindError(RuntimeError):

@@ -97,10 +97,16 @@ def test_second_signal_exits_at_once_while_calls_wait(start_server: Start) -> No
     )
     assert next(watch).status == SERVING
     stall(write_end)  # the next log write blocks: a SmokeTest now waits 60 s for confirmation
-    stub = smoke_pb2_grpc.SmokeTestServiceStub(server.channel())
-    pending = stub.SmokeTest.future(smoke_pb2.SmokeTestRequest(), timeout=30)
-    # Calls are dispatched in order: once Check answers, SmokeTest is in its handler.
-    assert server.health("liveness") == SERVING
+    channel = server.channel()
+    pending = smoke_pb2_grpc.SmokeTestServiceStub(channel).SmokeTest.future(
+        smoke_pb2.SmokeTestRequest(), timeout=30
+    )
+    # Calls on one connection are dispatched in order: once this Check has
+    # answered, the SmokeTest is waiting in its handler.
+    check = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="liveness"), timeout=RPC_TIMEOUT
+    )
+    assert check.status == SERVING
 
     server.signal(signal.SIGTERM)
     assert next(watch).status == NOT_SERVING
