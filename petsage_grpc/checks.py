@@ -113,7 +113,7 @@ class CheckRunner:
 
     def trigger(self, name: str) -> None:
         """Ask for an early run of ``name``; safe to call from any thread."""
-        if self._loop is not None and name in self._wakeups:
+        if self._loop is not None and not self._loop.is_closed() and name in self._wakeups:
             self._loop.call_soon_threadsafe(self._wakeups[name].set)
 
     async def stop(self) -> None:
@@ -145,12 +145,19 @@ class CheckRunner:
 
 def logging_check(pipeline: LogPipeline, timeout: float, interval: float) -> Check:
     """The critical ``logging`` check: a probe record confirmed by every sink."""
+    reported = 0  # pipeline.dropped when last reported
 
     async def confirm_delivery() -> str:
+        nonlocal reported
         delivery = await pipeline.confirm(timeout)
+        lost, reported = pipeline.dropped - reported, pipeline.dropped
+        if lost:
+            _LOGGER.warning("%d log record(s) lost since the last logging check "
+                            "(queue full or a sink write failed)", lost)
+        suffix = f"; {lost} record(s) lost since the last check" if lost else ""
         if not delivery.ok:
-            raise CheckFailed("; ".join(f"{sink}: {error}" for sink, error in delivery.errors.items()))
-        return f"record {delivery.probe_id} delivered to {', '.join(delivery.sinks)}"
+            raise CheckFailed("; ".join(f"{sink}: {error}" for sink, error in delivery.errors.items()) + suffix)
+        return f"record {delivery.probe_id} delivered to {', '.join(delivery.sinks)}{suffix}"
 
     # The outer timeout only backs up confirm()'s own, which explains itself.
     return Check("logging", confirm_delivery, interval=interval, timeout=timeout + 1.0)

@@ -116,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_file", _path, _DEFAULTS.log_file,
             "also append every log record to this file (stdout is always a sink)", "PATH"),
     Setting("log_level", _choice(LOG_LEVELS, str.upper), _DEFAULTS.log_level,
-            "lowest level logged; the logging probe and start/stop lines are always written", "LEVEL"),
+            "lowest level logged; start/stop lines, health changes and the logging probe are always written", "LEVEL"),
     Setting("grace", _seconds(0, True), _DEFAULTS.grace,
             "on SIGTERM/SIGINT, seconds in-flight calls get to finish", "SECONDS"),
     Setting("log_timeout", _seconds(0, False), _DEFAULTS.log_timeout,

@@ -2,13 +2,19 @@
 
 grpcio's ``server.stop()`` answers CANCELLED to calls it still holds queued
 (grpc/grpc#41785), and CANCELLED means "the caller gave up" to clients.  So
-the server closes this gate first: every call that reaches a handler after
-that gets UNAVAILABLE, which clients retry elsewhere, and ``stop()`` is only
-called once the calls in flight have finished.
+the server closes this gate first: every call that reaches a refusing handler
+after that gets UNAVAILABLE, which clients retry elsewhere, and ``stop()`` is
+only called once the calls in flight have finished and callers have stopped
+arriving.
 
-The gate also parses single requests, so that malformed bytes get
-INVALID_ARGUMENT.  Handlers are wrapped once, at registration, through :class:`GatedRegistrar`,
-so a call costs one extra coroutine frame and no interceptor.
+Each service is registered with a :class:`Policy`: whether the gate refuses
+its calls once closed (not the health service, which keeps answering
+NOT_SERVING for readiness and SERVING for liveness until the end), and
+whether its calls count as in flight (not reflection streams, which an
+interactive tool may hold open for ever).  The gate also parses single
+requests, so that malformed bytes get INVALID_ARGUMENT.  Handlers are wrapped
+once, at registration, so a call costs one extra coroutine frame and no
+interceptor.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,8 +31,16 @@ import grpc
 SHUTTING_DOWN = "server is shutting down; retry another instance"
 
 
+@dataclass(frozen=True)
+class Policy:
+    """How the gate treats one service's calls."""
+
+    refuse: bool = True  # answer UNAVAILABLE once the gate is closed
+    track: bool = True  # count as in flight: shutdown waits for these calls
+
+
 class Gate:
-    """Open until :meth:`close`; tracks how many gated calls are running.
+    """Open until :meth:`close`; tracks how many tracked calls are running.
 
     Used from the event loop's thread only.
     """
@@ -36,14 +51,15 @@ class Gate:
         self.refused = 0  # calls turned away since the gate closed
         self._idle = asyncio.Event()
         self._idle.set()
-        self._refusal = asyncio.Event()
-        self._closed_at = 0.0  # time.monotonic() of close()
-        self._last_refusal = float("-inf")  # time.monotonic() of the latest refusal
+        self._activity = asyncio.Event()
+        # time.monotonic() of the latest closing, refusal or completion after closing.
+        self._quiet_since = 0.0
+        self._last_refusal = float("-inf")
 
     def close(self) -> None:
-        """Refuse every later call with UNAVAILABLE."""
+        """Refuse every later call of a refusing service with UNAVAILABLE."""
         self.open = False
-        self._closed_at = time.monotonic()
+        self._mark_activity()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the calls in flight; True if none remain."""
@@ -56,27 +72,37 @@ class Gate:
         return True
 
     async def wait_quiet(self, quiet: float, timeout: float) -> bool:
-        """Wait until no call has been refused for ``quiet`` seconds (at most ``timeout``).
+        """Wait until ``quiet`` seconds pass with no refusal and no call finishing.
 
         Calls that reach grpcio just before ``stop()`` are cancelled by it
-        (grpc/grpc#41785); once clients have heard UNAVAILABLE and gone
-        elsewhere, none are left to be.  The quiet period counts from the
-        gate's closing or its latest refusal.  False if a call was refused
-        within the last ``quiet`` seconds before the time ran out.
+        (grpc/grpc#41785).  A caller whose call just finished, or who was
+        just refused, may send another one at once; once ``quiet`` seconds
+        pass without either, callers have gone elsewhere.  Waits at most
+        ``timeout`` seconds; False if a call was refused within the last
+        ``quiet`` seconds when the time ran out.
         """
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            quiet_from = max(self._closed_at, self._last_refusal) + quiet
+            quiet_from = self._quiet_since + quiet
             if now >= quiet_from:
                 return True
             if now >= deadline:
                 return now - self._last_refusal >= quiet
-            self._refusal.clear()
+            self._activity.clear()
             try:
-                await asyncio.wait_for(self._refusal.wait(), min(quiet_from, deadline) - now)
+                await asyncio.wait_for(self._activity.wait(), min(quiet_from, deadline) - now)
             except TimeoutError:
                 pass
+
+    def _mark_activity(self) -> None:
+        self._quiet_since = time.monotonic()
+        self._activity.set()
+
+    def _refuse(self) -> None:
+        self.refused += 1
+        self._mark_activity()
+        self._last_refusal = self._quiet_since
 
     def _enter(self) -> None:
         self.in_flight += 1
@@ -84,10 +110,12 @@ class Gate:
 
     def _leave(self) -> None:
         self.in_flight -= 1
+        if not self.open:
+            self._mark_activity()
         if self.in_flight == 0:
             self._idle.set()
 
-    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, policy: Policy) -> grpc.RpcMethodHandler:
         """Return ``handler`` with its behaviour gated (handlers are namedtuples)."""
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
@@ -98,35 +126,40 @@ class Gate:
                 # The gate parses single requests itself, so malformed bytes get
                 # INVALID_ARGUMENT instead of grpcio's UNKNOWN with a traceback.
                 handler = handler._replace(request_deserializer=None)
-            return handler._replace(**{kind: self._gated(behaviour, parse)})
+            return handler._replace(**{kind: self._gated(behaviour, parse, policy)})
         return handler
 
-    def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None) -> Any:
+    def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None, policy: Policy) -> Any:
         gate = self
 
         async def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not gate.open:
-                gate.refused += 1
-                gate._last_refusal = time.monotonic()
-                gate._refusal.set()
+            if policy.refuse and not gate.open:
+                gate._refuse()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if policy.track:
+                gate._enter()
             if parse is None:
                 return request
             try:
                 return parse(request)
             except Exception:
+                if policy.track:
+                    gate._leave()
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {_message_name(parse)}")
+
+        def leave() -> None:
+            if policy.track:
+                gate._leave()
 
         if inspect.isasyncgenfunction(behaviour):
 
             async def gated_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 request = await admit(request, context)
-                gate._enter()
                 try:
                     async for response in behaviour(request, context):
                         yield response
                 finally:
-                    gate._leave()
+                    leave()
 
             return gated_stream
         if not inspect.iscoroutinefunction(behaviour):
@@ -134,11 +167,10 @@ class Gate:
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request = await admit(request, context)
-            gate._enter()
             try:
                 return await behaviour(request, context)
             finally:
-                gate._leave()
+                leave()
 
         return gated
 
@@ -157,9 +189,10 @@ class _GatedGenericHandler(grpc.GenericRpcHandler):
     not cached, so a client inventing names cannot grow the cache.
     """
 
-    def __init__(self, inner: grpc.GenericRpcHandler, gate: Gate) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, gate: Gate, policy: Policy) -> None:
         self._inner = inner
         self._gate = gate
+        self._policy = policy
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -170,30 +203,30 @@ class _GatedGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None
-            gated = self._cache[method] = self._gate.wrap(handler)
+            gated = self._cache[method] = self._gate.wrap(handler, self._policy)
         return gated
 
 
 class GatedRegistrar:
     """Stands in for the server in generated ``add_*_to_server`` helpers.
 
-    It gates every handler it is given, then registers it with the real server.
+    It gates every handler it is given under ``policy``, then registers it
+    with the real server.
     """
 
-    def __init__(self, server: grpc.aio.Server, gate: Gate) -> None:
+    def __init__(self, server: grpc.aio.Server, gate: Gate, policy: Policy = Policy()) -> None:
         self._server = server
         self._gate = gate
+        self._policy = policy
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         """Gate and register generic handlers."""
         self._server.add_generic_rpc_handlers(
-            tuple(_GatedGenericHandler(h, self._gate) for h in handlers)
+            tuple(_GatedGenericHandler(h, self._gate, self._policy) for h in handlers)
         )
 
-    def add_registered_method_handlers(
-        self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         """Gate and register pre-registered method handlers."""
         self._server.add_registered_method_handlers(
-            service_name, {name: self._gate.wrap(h) for name, h in handlers.items()}
+            service_name, {name: self._gate.wrap(h, self._policy) for name, h in handlers.items()}
         )

@@ -27,9 +27,9 @@ from petsage_grpc.sinks import Sink
 #: Logger of the probe records.
 PROBE_LOGGER = "petsage_grpc.logprobe"
 #: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
-#: the sinks, and the few start/stop lines (which name the bound port) must
-#: stay visible.
-ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server")
+#: the sinks, and the few start/stop lines (which name the bound port),
+#: health status changes and check transitions must stay visible.
+ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.health", "petsage_grpc.checks")
 #: Attribute of a probe record that carries its id.
 PROBE_ATTR = "petsage_probe_id"
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
@@ -89,11 +89,15 @@ class _QueueHandler(logging.Handler):
         self._pipeline = pipeline
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Render arguments now: they may change after the call returns.
-        record.msg, record.args = record.getMessage(), None
-        if record.exc_info:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
+        """Render the record's arguments (they may change later) and queue it."""
+        try:
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+        except Exception:  # a bad log call must not break the RPC that made it
+            self.handleError(record)
+            return
         self._pipeline.enqueue(record)
 
 
@@ -149,7 +153,8 @@ class LogPipeline:
         probe_id = uuid.uuid4().hex
 
         def deliver(result: Delivery) -> None:  # runs in the writer thread
-            loop.call_soon_threadsafe(_set_if_pending, future, result)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_set_if_pending, future, result)
 
         self._waiters[probe_id] = deliver
         try:
@@ -179,30 +184,42 @@ class LogPipeline:
     # -- writer thread ----------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < BATCH_SIZE:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            records = [r for r in batch if isinstance(r, logging.LogRecord)]
-            if records:
-                self._write(records)
-            if len(records) < len(batch):
-                return
+            try:
+                if not self._run_batch():
+                    return
+            except Exception as exc:  # the writer must outlive any bug in a batch
+                stderr_line(f"petsage-grpc: log writer error: {exc!r}")
+
+    def _run_batch(self) -> bool:
+        """Write one batch; False once the stop marker is reached."""
+        batch = [self._queue.get()]
+        while len(batch) < BATCH_SIZE:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        records = [r for r in batch if isinstance(r, logging.LogRecord)]
+        if records:
+            self._write(records)
+        return len(records) == len(batch)
 
     def _write(self, records: list[logging.LogRecord]) -> None:
         data = "".join(self._format(r) + "\n" for r in records).encode("utf-8", "replace")
         errors: dict[str, str] = {}
+        newly_failing = False
         for sink in self.sinks:
             was_failing = sink.error is not None
             sink.write(data)  # records its own error; never raises
             if sink.error is not None:
                 errors[sink.name] = sink.error
                 self._dropped_write += len(records)
-                if not was_failing:
-                    for listener in self._failure_listeners:
-                        listener()
+                newly_failing = newly_failing or not was_failing
+        if newly_failing:
+            for listener in self._failure_listeners:
+                try:
+                    listener()
+                except Exception as exc:
+                    stderr_line(f"petsage-grpc: log failure listener error: {exc!r}")
         for record in records:
             probe_id = getattr(record, PROBE_ATTR, None)
             if probe_id is not None:

@@ -7,8 +7,9 @@ sync server runs every streaming call on a pool thread.
 Lifecycle: bind (failing fast on a taken port), run every check once, publish
 statuses, serve.  On the first SIGTERM/SIGINT: statuses to NOT_SERVING
 (liveness excepted) and Watch streams ended, new calls refused with
-UNAVAILABLE, in-flight calls given ``grace`` seconds, calls allowed to stop
-arriving (within the same grace), then stop and return 0.  A second signal ends the process at once.
+UNAVAILABLE (health checks excepted: they keep answering the statuses),
+in-flight calls given ``grace`` seconds, callers given the same grace to stop
+arriving, then stop and return 0.  A second signal ends the process at once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc as _reflection_pb2_grpc
 from petsage_grpc import __version__, health, smoke
 from petsage_grpc.checks import CheckOutcome, CheckRunner, logging_check
 from petsage_grpc.config import ServeSettings
-from petsage_grpc.gate import Gate, GatedRegistrar
+from petsage_grpc.gate import Gate, GatedRegistrar, Policy
 from petsage_grpc.logs import LogPipeline, stderr_line
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ SERVICE_NAMES = (smoke.SERVICE_NAME, health.SERVICE_NAME, _reflection.SERVICE_NA
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
 QUIET_PERIOD = 0.2
+#: The grace handed to grpcio's stop() once our own waiting is over.
+STOP_GRACE = 0.5
 
 
 class BindError(RuntimeError):
@@ -64,15 +67,22 @@ def check_bindable(address: str) -> None:
     except socket.gaierror as exc:
         raise BindError(f"cannot listen on {address}: cannot resolve {host!r} ({exc.strerror})") from None
     for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # e.g. IPv6 disabled: grpc falls back to what works
+            continue
+        with probe:
             try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 probe.bind(sockaddr)
             except OSError as exc:
-                why = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise BindError(f"cannot listen on {address}: {why}") from None
+                if exc.errno == errno.EADDRINUSE:
+                    raise BindError(f"cannot listen on {address}: the port is already in use") from None
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
+                    continue
+                raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
 class PetSageServer:
@@ -91,11 +101,20 @@ class PetSageServer:
         self.started_at = datetime.now(UTC)
         self.address: str | None = None
         self._server = grpc.aio.server(options=SERVER_OPTIONS)
-        registrar = GatedRegistrar(self._server, self.gate)
-        smoke.add_to_server(smoke.SmokeTestServicer(self.runner, self.instance_id, self.started_at), registrar)
-        _health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        smoke.add_to_server(
+            smoke.SmokeTestServicer(self.runner, self.instance_id, self.started_at),
+            GatedRegistrar(self._server, self.gate),
+        )
+        # Health keeps answering while the server stops (readiness NOT_SERVING,
+        # liveness SERVING): probes must see the truth, not UNAVAILABLE.
+        _health_pb2_grpc.add_HealthServicer_to_server(
+            self.health, GatedRegistrar(self._server, self.gate, Policy(refuse=False))
+        )
+        # An interactive tool may keep a reflection stream open for ever: it
+        # must not hold up the shutdown.
         _reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            _reflection.aio.ReflectionServicer(SERVICE_NAMES), registrar
+            _reflection.aio.ReflectionServicer(SERVICE_NAMES),
+            GatedRegistrar(self._server, self.gate, Policy(track=False)),
         )
 
     def _publish(self, results: Mapping[str, CheckOutcome]) -> None:
@@ -148,7 +167,9 @@ class PetSageServer:
         if not await self.gate.wait_quiet(QUIET_PERIOD, remaining):
             _LOGGER.warning("calls still arriving at the end of the grace period; stopping anyway")
         _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", self.gate.refused)
-        await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
+        # Every tracked call is done; what grpcio still runs is an untracked
+        # stream (reflection) or a call that arrived this instant.
+        await self._server.stop(min(STOP_GRACE, max(0.0, grace - (time.monotonic() - started))))
         await self.runner.stop()
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)
 

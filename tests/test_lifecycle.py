@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from tests.support import RPC_TIMEOUT, ServerProcess, run_cli
+from tests.support import RPC_TIMEOUT, LineLog, ServerProcess, run_cli
 from tests.test_logging_faults import stall, start_on_small_pipe
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -119,3 +121,90 @@ def test_second_signal_exits_at_once_while_calls_wait(start_server: Start) -> No
     server.stderr.wait_for("second SIGTERM: exiting at once")
     with pytest.raises(grpc.RpcError):
         pending.result()
+
+
+def test_in_flight_call_finishes_while_health_answers_and_new_calls_are_refused(start_server: Start) -> None:
+    server, read_end, write_end = start_on_small_pipe(start_server, "--log-timeout", "60", "--grace", "60")
+    channel = server.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    smoke = smoke_pb2_grpc.SmokeTestServiceStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=30)
+    assert next(watch).status == SERVING
+    stall(write_end)  # the in-flight SmokeTest waits for its record until we read again
+    in_flight = smoke.SmokeTest.future(smoke_pb2.SmokeTestRequest(), timeout=30)
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT).status == SERVING
+
+    server.signal(signal.SIGTERM)
+    assert next(watch).status == NOT_SERVING
+
+    def check(service: str) -> int:
+        status: int = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT).status
+        return status
+
+    assert (check("readiness"), check(""), check("liveness")) == (NOT_SERVING, NOT_SERVING, SERVING)
+    with pytest.raises(grpc.RpcError) as refused:
+        smoke.SmokeTest(smoke_pb2.SmokeTestRequest(), timeout=RPC_TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.process.poll() is None
+
+    LineLog(os.fdopen(read_end, "rb"))  # reading again lets the record through
+    assert in_flight.result().status == smoke_pb2.STATUS_OK
+    assert server.wait() == 0
+
+
+def _call_until_refused(address: str, codes: list[grpc.StatusCode]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = smoke_pb2_grpc.SmokeTestServiceStub(channel)
+        for _ in range(200):
+            try:
+                stub.SmokeTest(smoke_pb2.SmokeTestRequest(), timeout=RPC_TIMEOUT)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                return
+
+
+def test_sigterm_with_slow_calls_refuses_the_next_calls_instead_of_cancelling(start_server: Start) -> None:
+    # A stuck stdout makes every SmokeTest take its whole --log-timeout (0.5 s):
+    # callers send their next call just as the previous one finishes.
+    server, _read_end, write_end = start_on_small_pipe(start_server, "--log-timeout", "0.5")
+    stall(write_end)
+    codes: list[grpc.StatusCode] = []
+    callers = [threading.Thread(target=_call_until_refused, args=(server.address, codes)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    watch = health_pb2_grpc.HealthStub(server.channel()).Watch(
+        health_pb2.HealthCheckRequest(service="liveness"), timeout=30
+    )
+    next(watch)
+    while len(codes) < 4:  # every caller has finished at least one slow call
+        assert all(c.is_alive() for c in callers)
+        callers[0].join(0.05)
+
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    for caller in callers:
+        caller.join(30)
+
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == 4
+
+
+def test_open_reflection_stream_does_not_hold_up_shutdown(start_server: Start) -> None:
+    server = start_server("--grace", "30")
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    asked = threading.Event()
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        asked.wait(30)  # keep the stream open, as an interactive tool does
+
+    stream = stub.ServerReflectionInfo(requests(), timeout=30)
+    assert next(stream).list_services_response.service
+    started = time.monotonic()
+
+    server.signal(signal.SIGTERM)
+
+    assert server.wait() == 0
+    assert time.monotonic() - started < 10
+    asked.set()

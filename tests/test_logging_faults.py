@@ -194,6 +194,7 @@ def test_strict_log_level_still_writes_the_probe(start_server: Start) -> None:
 
     assert response.status == smoke_pb2.STATUS_OK
     server.stdout.wait_for(response.checks[0].detail.split()[1])
+    always = ("logprobe", "server", "health", "checks")
     info = [line for line in server.stdout.lines if " - INFO - " in line]
-    assert info and all(" - petsage_grpc.logprobe - " in line or " - petsage_grpc.server - " in line
-                        for line in info)
+    assert info and all(any(f" - petsage_grpc.{name} - " in line for name in always) for line in info)
+    assert any(" - petsage_grpc.health - INFO - health status of 'readiness'" in line for line in info)
