@@ -9,7 +9,6 @@ came from, so the program stops before it binds with one precise line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -79,9 +78,13 @@ class Setting:
 
     name: str
     parse: Callable[[str], Any]
-    default: Any
     help: str
     metavar: str
+
+    @property
+    def default(self) -> Any:
+        """The default, as declared on :class:`ServeSettings`."""
+        return ServeSettings.__dataclass_fields__[self.name].default
 
     @property
     def flag(self) -> str:
@@ -106,22 +109,33 @@ class ServeSettings:
     log_timeout: float = 1.0
     check_interval: float = 10.0
 
+    def __post_init__(self) -> None:
+        # Settings built in code (by a service embedding the server) get the
+        # same checks as flags; parsing also normalizes, e.g. "json" or "info".
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if value is None and setting.default is None:
+                continue
+            try:
+                object.__setattr__(self, setting.name, setting.parse(str(value)))
+            except ValueError as exc:
+                raise SettingError(f"{setting.name!r} {exc}") from None
 
-_DEFAULTS = ServeSettings()
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("address", parse_address, _DEFAULTS.address,
+    Setting("address", parse_address,
             "address to listen on; port 0 picks a free port and the log names it", "HOST:PORT"),
-    Setting("log_format", _choice(LOG_FORMATS, str.lower), _DEFAULTS.log_format,
+    Setting("log_format", _choice(LOG_FORMATS, str.lower),
             "log line format: text (classic) or json (one object per line)", "{text,json}"),
-    Setting("log_file", _path, _DEFAULTS.log_file,
+    Setting("log_file", _path,
             "also append every log record to this file (stdout is always a sink)", "PATH"),
-    Setting("log_level", _choice(LOG_LEVELS, str.upper), _DEFAULTS.log_level,
+    Setting("log_level", _choice(LOG_LEVELS, str.upper),
             "lowest level logged; start/stop lines, health changes and the logging probe are always written", "LEVEL"),
-    Setting("grace", _seconds(0, True), _DEFAULTS.grace,
+    Setting("grace", _seconds(0, True),
             "on SIGTERM/SIGINT, seconds in-flight calls get to finish", "SECONDS"),
-    Setting("log_timeout", _seconds(0, False), _DEFAULTS.log_timeout,
+    Setting("log_timeout", _seconds(0, False),
             "seconds the logging check waits for every sink to confirm its record", "SECONDS"),
-    Setting("check_interval", _seconds(0, False), _DEFAULTS.check_interval,
+    Setting("check_interval", _seconds(0, False),
             "seconds between background runs of the logging check", "SECONDS"),
 )
 
@@ -150,4 +164,4 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettin
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
             raise SettingError(f"invalid {source}={raw!r}: {exc}") from None
-    return dataclasses.replace(_DEFAULTS, **values)
+    return ServeSettings(**values)
