@@ -100,3 +100,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     [test_command] = [line.split("  #")[0].strip() for line in first_lines if "pytest" in line]
 
     assert test_command in (README.parent / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("grace", -1.0, "'grace' should be ≥ 0 seconds"), ("log_format", "xml", "'log_format' expected one of"),
+     ("address", "x", "'address' expected HOST:PORT")],
+)
+def test_settings_built_in_code_are_validated_too(field: str, value: object, message: str) -> None:
+    with pytest.raises(config.SettingError, match=message):
+        config.ServeSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_settings_built_in_code_are_normalized() -> None:
+    settings = config.ServeSettings(log_format="JSON", log_level="debug", grace=3)
+
+    assert (settings.log_format, settings.log_level, settings.grace) == ("json", "DEBUG", 3.0)
