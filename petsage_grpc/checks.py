@@ -14,8 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
 from petsage_grpc.logs import LogPipeline
 
@@ -56,7 +55,6 @@ class CheckOutcome:
     detail: str
     duration: float
     critical: bool
-    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 async def run_check(check: Check) -> CheckOutcome:

@@ -93,10 +93,6 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         for watcher in self._watchers:
             watcher.wakeup.set()
 
-    def statuses(self) -> Mapping[str, ServingStatus]:
-        """A read-only view of every published status."""
-        return self._statuses
-
     async def Check(
         self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> _health_pb2.HealthCheckResponse:
