@@ -115,7 +115,11 @@ class ServerProcess:
         self.address = ""
         self._channels: list[grpc.Channel] = []
         if wait and stdout == subprocess.PIPE:
-            self.address = self.stdout.wait_for(SERVING_LINE)[1]
+            try:
+                self.address = self.stdout.wait_for(SERVING_LINE)[1]
+            except BaseException:
+                self.stop()  # a server that never said it serves must not outlive the test
+                raise
 
     def channel(self) -> grpc.Channel:
         """A new channel to the server, closed when the server is stopped."""

@@ -11,8 +11,10 @@ import errno
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from tests.support import SERVING_LINE, LineLog, ServerProcess, wait_for_file_line
+from tests.support import PROCESS_TIMEOUT, SERVING_LINE, LineLog, ServerProcess, wait_for_file_line
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -150,12 +152,14 @@ def start_on_small_pipe(start: Start, *args: str) -> tuple[ServerProcess, int, i
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     server = start(*args, stdout=write_end, wait=False)
-    line = b""
-    while not SERVING_LINE.search(line.decode()):
-        line = b""
-        while not line.endswith(b"\n"):
-            line += os.read(read_end, 1)
-    server.address = SERVING_LINE.search(line.decode())[1]  # type: ignore[index]
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    output = b""
+    while (match := SERVING_LINE.search(output.decode(errors="replace"))) is None:
+        # We hold the write end too, so a dead server gives no EOF: watch the process.
+        assert server.process.poll() is None and time.monotonic() < deadline, server.stderr.text()
+        if select.select([read_end], [], [], 0.5)[0]:
+            output += os.read(read_end, 4096)
+    server.address = match[1]
     return server, read_end, write_end
 
 
