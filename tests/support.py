@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -183,3 +185,35 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         [sys.executable, "-m", "petsage_grpc", *args], capture_output=True, text=True,
         env={**os.environ, **(env or {})}, timeout=timeout, check=False,
     )
+
+
+def stall(pipe_write_end: int) -> None:
+    """Fill a pipe to capacity through a non-blocking description of our own.
+
+    Opening /proc/self/fd/N gives a new open file description, so O_NONBLOCK
+    here leaves the server's (blocking) one alone: its next write blocks.
+    """
+    own = os.open(f"/proc/self/fd/{pipe_write_end}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(own, b"#" * 512)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(own)
+
+
+def start_on_small_pipe(start: Callable[..., ServerProcess], *args: str) -> tuple[ServerProcess, int, int]:
+    """A server whose stdout is a 4 KiB pipe we read until it serves, then stop reading."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    server = start(*args, stdout=write_end, wait=False)
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    output = b""
+    while (match := SERVING_LINE.search(output.decode(errors="replace"))) is None:
+        # We hold the write end too, so a dead server gives no EOF: watch the process.
+        assert server.process.poll() is None and time.monotonic() < deadline, server.stderr.text()
+        if select.select([read_end], [], [], 0.5)[0]:
+            output += os.read(read_end, 4096)
+    server.address = match[1]
+    return server, read_end, write_end

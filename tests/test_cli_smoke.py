@@ -10,8 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tests.support import ServerProcess, run_cli
-from tests.test_logging_faults import stall, start_on_small_pipe
+from tests.support import ServerProcess, run_cli, stall, start_on_small_pipe
 
 Start = Callable[..., ServerProcess]
 

@@ -15,8 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from tests.support import RPC_TIMEOUT, LineLog, ServerProcess, run_cli
-from tests.test_logging_faults import stall, start_on_small_pipe
+from tests.support import RPC_TIMEOUT, LineLog, ServerProcess, run_cli, stall, start_on_small_pipe
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

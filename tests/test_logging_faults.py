@@ -8,13 +8,10 @@ the server answering, and, where the fault can clear, recover by itself.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
-import select
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from tests.support import PROCESS_TIMEOUT, SERVING_LINE, LineLog, ServerProcess, wait_for_file_line
+from tests.support import (
+    SERVING_LINE,
+    LineLog,
+    ServerProcess,
+    stall,
+    start_on_small_pipe,
+    wait_for_file_line,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -129,38 +133,6 @@ def test_stdout_closed_at_start_fails_smoke(start_server: Start, tmp_path: Path)
     server.address = wait_for_file_line(log_file, SERVING_LINE.pattern)[1]
 
     assert_failing(server, "stdout: [Errno 9] stdout was closed when the server started")
-
-
-def stall(pipe_write_end: int) -> None:
-    """Fill a pipe to capacity through a non-blocking description of our own.
-
-    Opening /proc/self/fd/N gives a new open file description, so O_NONBLOCK
-    here leaves the server's (blocking) one alone: its next write blocks.
-    """
-    own = os.open(f"/proc/self/fd/{pipe_write_end}", os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        while True:
-            os.write(own, b"#" * 512)
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(own)
-
-
-def start_on_small_pipe(start: Start, *args: str) -> tuple[ServerProcess, int, int]:
-    """A server whose stdout is a 4 KiB pipe we read until it serves, then stop reading."""
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    server = start(*args, stdout=write_end, wait=False)
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    output = b""
-    while (match := SERVING_LINE.search(output.decode(errors="replace"))) is None:
-        # We hold the write end too, so a dead server gives no EOF: watch the process.
-        assert server.process.poll() is None and time.monotonic() < deadline, server.stderr.text()
-        if select.select([read_end], [], [], 0.5)[0]:
-            output += os.read(read_end, 4096)
-    server.address = match[1]
-    return server, read_end, write_end
 
 
 def test_stuck_log_writer_fails_smoke_then_recovers(start_server: Start) -> None:
