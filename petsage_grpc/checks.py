@@ -1,24 +1,34 @@
 """Health checks and the background runner that caches their results.
 
-A check is a named async function with a timeout, an interval and a
-``critical`` flag; it returns a detail string when it passes and raises when
-it fails.  The runner runs each check on its interval and keeps the latest
-:class:`CheckOutcome`; health answers read that cache and never wait on a
-check.  The ``logging`` check (critical) confirms delivery through the log
-pipeline.
+A check is a named function, async or not, with a timeout, an interval and
+a ``critical`` flag; it returns a short detail (or None) when it passes and
+raises when it fails.  The runner runs each check on its interval and keeps
+the latest :class:`CheckOutcome`; health answers read that cache and never
+wait on a check.  Plain (non-async) functions run on a thread of their own
+check, never on the event loop; a run that has not returned is not started
+again, so a hanging dependency holds one thread, not one per interval.
+The ``logging`` check (critical) confirms delivery through the log pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import inspect
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, cast
 
 from petsage_grpc.logs import LogPipeline
 
 _LOGGER = logging.getLogger(__name__)
+
+
+#: What a check function may be: ``async def f() -> str | None`` or ``def f() -> str | None``.
+CheckFunction: TypeAlias = Callable[[], Awaitable[str | None]] | Callable[[], str | None]
 
 
 class CheckFailed(Exception):
@@ -29,12 +39,15 @@ class CheckFailed(Exception):
 class Check:
     """A named health check.
 
-    ``func`` returns a short detail when the check passes and raises (any
-    exception) when it fails; it is given at most ``timeout`` seconds.
+    ``func`` returns a short detail (or None) when the check passes and
+    raises (any exception) when it fails; it is given at most ``timeout``
+    seconds, every ``interval`` seconds.  A failing ``critical`` check turns
+    readiness NOT_SERVING and SmokeTest FAILING; a failing non-critical one
+    makes SmokeTest DEGRADED only.
     """
 
     name: str
-    func: Callable[[], Awaitable[str]]
+    func: CheckFunction
     interval: float
     timeout: float
     critical: bool = True
@@ -57,11 +70,44 @@ class CheckOutcome:
     critical: bool
 
 
-async def run_check(check: Check) -> CheckOutcome:
+class _Call:
+    """Calls one check's function: awaited if async, else on a thread of its own.
+
+    A plain function cannot be interrupted: when it outlives its timeout it
+    keeps its thread, and later runs report it instead of starting another.
+    The thread is a daemon, so a function that never returns cannot keep the
+    process from exiting.
+    """
+
+    def __init__(self, check: Check) -> None:
+        self._check = check
+        self._is_async = inspect.iscoroutinefunction(check.func)
+        self._pending: concurrent.futures.Future[str | None] | None = None
+        self._pending_since = 0.0
+
+    async def __call__(self) -> str | None:
+        if self._is_async:
+            return await cast(Callable[[], Awaitable[str | None]], self._check.func)()
+        if self._pending is not None and not self._pending.done():
+            raise CheckFailed(f"previous run still running after {time.monotonic() - self._pending_since:.1f}s")
+        future: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+        self._pending, self._pending_since = future, time.monotonic()
+        threading.Thread(target=self._run, args=(future,), name=f"check-{self._check.name}", daemon=True).start()
+        # shield: a timeout gives up waiting; it cannot stop the thread.
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    def _run(self, future: concurrent.futures.Future[str | None]) -> None:
+        try:
+            future.set_result(cast(Callable[[], str | None], self._check.func)())
+        except BaseException as exc:  # handed to the awaiting run, which reports it
+            future.set_exception(exc)
+
+
+async def _run_check(check: Check, call: _Call) -> CheckOutcome:
     """Run ``check`` once, turning an exception or a timeout into a failing outcome."""
     started = time.perf_counter()
     try:
-        detail = await asyncio.wait_for(check.func(), check.timeout)
+        detail = await asyncio.wait_for(call(), check.timeout) or "ok"
         ok = True
     except asyncio.CancelledError:
         raise
@@ -81,9 +127,12 @@ class CheckRunner:
     """
 
     def __init__(
-        self, checks: list[Check], on_change: Callable[[Mapping[str, CheckOutcome]], None]
+        self, checks: Sequence[Check], on_change: Callable[[Mapping[str, CheckOutcome]], None]
     ) -> None:
         self._checks = {check.name: check for check in checks}
+        if len(self._checks) != len(checks):
+            raise ValueError("check names should be unique")
+        self._calls = {check.name: _Call(check) for check in checks}
         self._on_change = on_change
         self._results: dict[str, CheckOutcome] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -97,7 +146,7 @@ class CheckRunner:
 
     async def run(self, name: str) -> CheckOutcome:
         """Run one check now, cache its outcome and return it."""
-        outcome = await run_check(self._checks[name])
+        outcome = await _run_check(self._checks[name], self._calls[name])
         self._record(outcome)
         return outcome
 
@@ -105,6 +154,7 @@ class CheckRunner:
         """Run every check once (so statuses are known), then keep them running."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self.run(name) for name in self._checks))
+        self._results = {name: self._results[name] for name in self._checks}  # in the order given
         for name in self._checks:
             self._wakeups[name] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._repeat(name), name=f"check:{name}"))

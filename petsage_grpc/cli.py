@@ -1,4 +1,4 @@
-"""The ``petsage-grpc`` command: ``serve`` and ``smoke``.
+"""The ``petsage-grpc`` command: ``serve``, ``smoke`` and ``probe``.
 
 ``main(argv)`` returns the exit code and is the only place that configures
 logging or reads the environment.
@@ -7,7 +7,6 @@ logging or reads the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,8 +16,6 @@ from petsage_grpc import __version__, config
 
 #: Exit code for bad flags or settings, in every subcommand (as grpc_health_probe).
 EXIT_USAGE = 1
-#: Exit code of ``serve`` when it cannot listen on its address.
-EXIT_CANNOT_LISTEN = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,40 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(serve)
     smoke_cli.add_parser(commands)
+    # Listed for --help only: main() hands "probe" to its own parser first.
+    commands.add_parser("probe", add_help=False,
+                        help="check health as grpc_health_probe does (same flags, exit codes and messages)")
     parser.set_defaults(subparsers=commands.choices)
     return parser
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Validate settings, set up logging, then run the server until a signal."""
-    from petsage_grpc import logs, server
-    from petsage_grpc.sinks import FileSink, Sink, StdoutSink
+    """Validate settings, then run the server until a signal."""
+    from petsage_grpc import server
 
     try:
         settings = config.resolve(args, environ)
     except config.SettingError as exc:
         print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    sinks: list[Sink] = [StdoutSink()]
-    if settings.log_file is not None:
-        try:
-            sinks.append(FileSink(settings.log_file))
-        except OSError as exc:
-            print(f"petsage-grpc serve: error: cannot open --log-file {settings.log_file!r}: "
-                  f"{exc.strerror}", file=sys.stderr)
-            return EXIT_USAGE
-    pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
-    try:
-        return asyncio.run(server.serve(settings, pipeline))
-    except server.BindError as exc:
-        print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_LISTEN
-    finally:
-        pipeline.close()
+    return server.run(server.PetSageServer(settings))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["probe"]:
+        # The probe parses its own flags (grpc_health_probe's one-line errors)
+        # and skips building the other subcommands: it runs as an exec probe.
+        from petsage_grpc import probe
+
+        return probe.main(argv[1:])
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -53,6 +53,21 @@ def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
     return parse
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """Build a parser for a whole number at least ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if number < minimum:
+            raise ValueError(f"should be ≥ {minimum}")
+        return number
+
+    return parse
+
+
 def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[str], str]:
     """Build a parser accepting one of ``choices`` (after ``fold``, e.g. upper-casing)."""
 
@@ -108,6 +123,9 @@ class ServeSettings:
     grace: float = 10.0
     log_timeout: float = 1.0
     check_interval: float = 10.0
+    drain: float = 0.0
+    max_watchers: int = 10_000
+    stall_limit: float = 2.0
 
     def __post_init__(self) -> None:
         # Settings built in code (by a service embedding the server) get the
@@ -136,7 +154,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_timeout", _seconds(0, False),
             "seconds the logging check waits for every sink to confirm its record", "SECONDS"),
     Setting("check_interval", _seconds(0, False),
-            "seconds between background runs of the logging check", "SECONDS"),
+            "seconds between background runs of each built-in check", "SECONDS"),
+    Setting("drain", _seconds(0, True),
+            "on SIGTERM/SIGINT, seconds to keep serving with readiness NOT_SERVING before "
+            "Watch streams end and new calls are refused (let load balancers notice)", "SECONDS"),
+    Setting("max_watchers", _count(1),
+            "concurrent Health/Watch streams allowed; more get RESOURCE_EXHAUSTED", "N"),
+    Setting("stall_limit", _seconds(0, False),
+            "seconds the event loop may go without running before liveness turns NOT_SERVING", "SECONDS"),
 )
 
 

@@ -211,22 +211,32 @@ class GatedRegistrar:
     """Stands in for the server in generated ``add_*_to_server`` helpers.
 
     It gates every handler it is given under ``policy``, then registers it
-    with the real server.
+    with the real server, and notes the names of the services registered.
     """
 
     def __init__(self, server: grpc.aio.Server, gate: Gate, policy: Policy = Policy()) -> None:
         self._server = server
         self._gate = gate
         self._policy = policy
+        self.service_names: list[str] = []
+
+    def _note(self, service_name: str | None) -> None:
+        if service_name and service_name not in self.service_names:
+            self.service_names.append(service_name)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         """Gate and register generic handlers."""
+        for handler in handlers:
+            # Handlers made by grpc.method_handlers_generic_handler know their service.
+            name = getattr(handler, "service_name", None)
+            self._note(name() if callable(name) else None)
         self._server.add_generic_rpc_handlers(
             tuple(_GatedGenericHandler(h, self._gate, self._policy) for h in handlers)
         )
 
     def add_registered_method_handlers(self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         """Gate and register pre-registered method handlers."""
+        self._note(service_name)
         self._server.add_registered_method_handlers(
             service_name, {name: self._gate.wrap(h, self._policy) for name, h in handlers.items()}
         )

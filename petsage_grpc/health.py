@@ -1,9 +1,10 @@
 """The ``grpc.health.v1.Health`` service: Check, Watch and List over a status table.
 
-Statuses are set on the event loop's thread only.  A change is handed to
-watchers by setting an ``asyncio.Event`` per watcher (never by awaiting a
-send while holding anything), so a slow or vanished watcher cannot stall the
-others, and no watcher holds a thread.
+Statuses are set on the event loop's thread, except through
+:meth:`HealthServicer.set_threadsafe`.  A change is handed to watchers by
+setting an ``asyncio.Event`` per watcher (never by awaiting a send while
+holding anything), so a slow or vanished watcher cannot stall the others, and
+no watcher holds a thread.
 """
 
 from __future__ import annotations
@@ -53,42 +54,69 @@ class _Watcher:
 
 
 class HealthServicer(_health_pb2_grpc.HealthServicer):
-    """Serves the status table; :meth:`set` and :meth:`shutdown` change it."""
+    """Serves the status table; :meth:`set`, :meth:`drain` and :meth:`end_watches` change it.
+
+    Create it on the event loop's thread: watchers are woken on that loop.
+    """
 
     def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+        self._loop = asyncio.get_running_loop()
         self._statuses: dict[str, ServingStatus] = {}
         self._watchers: set[_Watcher] = set()
         self._max_watchers = max_watchers
-        self._closing = False  # once True, statuses are frozen and watches end
+        self._frozen: tuple[str, ...] | None = None  # once draining: the names set() may still change
+        self._closing = False  # once True, open and new watches end after their first answer
+
+    @property
+    def watchers(self) -> int:
+        """How many Watch streams are open."""
+        return len(self._watchers)
 
     def set(self, service: str, status: ServingStatus, reason: str = "") -> None:
-        """Publish ``status`` for ``service`` and wake its watchers (loop thread only)."""
-        if self._closing:
-            return
-        self._set_unchecked(service, status, reason)
+        """Publish ``status`` for ``service`` and wake its watchers (loop thread only).
 
-    def _set_unchecked(self, service: str, status: ServingStatus, reason: str) -> None:
+        Once :meth:`drain` has been called, only the names it kept change.
+        """
+        if self._store(service, status, reason):
+            self._wake(service)
+
+    def set_threadsafe(self, service: str, status: ServingStatus, reason: str) -> None:
+        """:meth:`set` from another thread, for a service only that thread sets.
+
+        The table changes at once, so a Check queued behind a stalled loop
+        answers the new status; watchers are woken when the loop runs again.
+        """
+        if self._store(service, status, reason):
+            self._loop.call_soon_threadsafe(self._wake, service)
+
+    def _store(self, service: str, status: ServingStatus, reason: str) -> bool:
+        if self._frozen is not None and service not in self._frozen:
+            return False
         old = self._statuses.get(service)
         if old == status:
-            return
+            return False
         self._statuses[service] = status
         _LOGGER.info(
             "health status of %r: %s -> %s (%s)", service,
             "UNKNOWN" if old is None else _health_pb2.HealthCheckResponse.ServingStatus.Name(old),
             _health_pb2.HealthCheckResponse.ServingStatus.Name(status), reason or "set",
         )
+        return True
+
+    def _wake(self, service: str) -> None:
         for watcher in self._watchers:
             if watcher.service == service:
                 watcher.wakeup.set()
 
-    def shutdown(self, keep_serving: tuple[str, ...] = (LIVENESS,)) -> None:
-        """Turn every status but ``keep_serving`` NOT_SERVING, then end every Watch.
-
-        Later calls to :meth:`set` are ignored, so nothing turns SERVING again.
-        """
+    def drain(self, keep: tuple[str, ...] = (LIVENESS,)) -> None:
+        """Turn every status but ``keep`` NOT_SERVING for good; watches stay open."""
         for service in list(self._statuses):
-            if service not in keep_serving:
-                self._set_unchecked(service, NOT_SERVING, "server is shutting down")
+            if service not in keep:
+                self.set(service, NOT_SERVING, "server is shutting down")
+        self._frozen = keep
+
+    def end_watches(self) -> None:
+        """End every open Watch with UNAVAILABLE, and later ones after their first answer."""
         self._closing = True
         for watcher in self._watchers:
             watcher.wakeup.set()

@@ -1,201 +1,294 @@
-"""Building, starting and stopping the PetSage gRPC server.
+"""Building, starting and stopping a PetSage gRPC server, ours or a service's own.
 
-One asyncio grpcio server serves SmokeTestService, ``grpc.health.v1.Health``
-and reflection.  asyncio because a Watch stream must not hold a thread: the
-sync server runs every streaming call on a pool thread.
+One asyncio grpcio server serves SmokeTestService, ``grpc.health.v1.Health``,
+reflection and whatever servicers a service embedding it adds.  asyncio
+because a Watch stream must not hold a thread: the sync server runs every
+streaming call on a pool thread.
 
 Lifecycle: bind (failing fast on a taken port), run every check once, publish
-statuses, serve.  On the first SIGTERM/SIGINT: statuses to NOT_SERVING
-(liveness excepted) and Watch streams ended, new calls refused with
-UNAVAILABLE (health checks excepted: they keep answering the statuses),
-in-flight calls given ``grace`` seconds, callers given the same grace to stop
-arriving, then stop and return 0.  A second signal ends the process at once.
+statuses, serve.  On the first SIGTERM/SIGINT: every status but liveness goes
+NOT_SERVING; the server keeps serving for ``drain`` seconds, so probes and
+client-side watchers see it; then open Watch streams end with UNAVAILABLE,
+new calls are refused with UNAVAILABLE (health checks excepted: they keep
+answering), in-flight calls get ``grace`` seconds, callers the same grace to
+stop arriving; then stop and exit 0.  A second signal ends the process at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
-import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as _reflection
 from grpc_reflection.v1alpha import reflection_pb2_grpc as _reflection_pb2_grpc
 
-from petsage_grpc import __version__, health, smoke
-from petsage_grpc.checks import CheckOutcome, CheckRunner, logging_check
+from petsage_grpc import __version__, health, logs, smoke
+from petsage_grpc.binding import BindError, check_bindable
+from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
 from petsage_grpc.config import ServeSettings
 from petsage_grpc.gate import Gate, GatedRegistrar, Policy
-from petsage_grpc.logs import LogPipeline, stderr_line
+from petsage_grpc.sinks import FileSink, Sink, StdoutSink
+from petsage_grpc.watchdog import Watchdog, event_loop_check
 
 _LOGGER = logging.getLogger(__name__)
-#: Services listed by reflection (reflection lists itself too).
-SERVICE_NAMES = (smoke.SERVICE_NAME, health.SERVICE_NAME, _reflection.SERVICE_NAME)
 # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
 QUIET_PERIOD = 0.2
 #: The grace handed to grpcio's stop() once our own waiting is over.
 STOP_GRACE = 0.5
+#: Exit code of :func:`run` for a setting or log file it cannot use.
+EXIT_BAD_SETTING = 1
+#: Exit code of :func:`run` when it cannot listen on its address.
+EXIT_CANNOT_LISTEN = 2
+
+#: A generated ``add_<Service>Servicer_to_server`` function.
+Register = Callable[[Any, Any], None]
 
 
-class BindError(RuntimeError):
-    """The server cannot listen on the configured address."""
-
-
-def check_bindable(address: str) -> None:
-    """Fail with a precise :class:`BindError` if ``address`` cannot be listened on.
-
-    grpc reports only "Failed to bind"; a trial bind (with SO_REUSEADDR, as
-    grpc uses) tells a taken port from an unknown host or a missing permission.
-    """
-    if address.startswith("unix:"):
-        return
-    host, _, port_text = address.rpartition(":")
-    host, port = host.strip("[]"), int(port_text)
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise BindError(f"cannot listen on {address}: cannot resolve {host!r} ({exc.strerror})") from None
-    for family, kind, proto, _, sockaddr in infos:
-        try:
-            probe = socket.socket(family, kind, proto)
-        except OSError:  # e.g. IPv6 disabled: grpc falls back to what works
-            continue
-        with probe:
-            try:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise BindError(f"cannot listen on {address}: the port is already in use") from None
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
-                    continue
-                raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
+@dataclass(frozen=True)
+class _Servicer:
+    register: Register
+    servicer: object
+    checks: tuple[str, ...] | None  # its status follows these checks, or readiness if None
 
 
 class PetSageServer:
-    """The server process's parts: gRPC server, health table, checks and gate."""
+    """A gRPC server with the PetSage health model: checks, health, smoke test, drain.
 
-    def __init__(self, settings: ServeSettings, pipeline: LogPipeline) -> None:
+    Add servicers and checks, then :func:`run` it (or ``await start()`` and
+    ``await shutdown()`` under your own loop).  Each added servicer's service
+    gets a health status: SERVING while the checks it names pass (or, by
+    default, while the server is ready), NOT_SERVING from the first signal on.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.gate = Gate()
-        self.health = health.HealthServicer()
-        self.runner = CheckRunner(
-            [logging_check(pipeline, settings.log_timeout, settings.check_interval)],
-            on_change=self._publish,
-        )
-        pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
         self.instance_id = smoke.new_instance_id()
-        self.started_at = datetime.now(UTC)
-        self.address: str | None = None
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
-        smoke.add_to_server(
-            smoke.SmokeTestServicer(self.runner, self.instance_id, self.started_at),
-            GatedRegistrar(self._server, self.gate),
-        )
-        # Health keeps answering while the server stops (readiness NOT_SERVING,
-        # liveness SERVING): probes must see the truth, not UNAVAILABLE.
-        _health_pb2_grpc.add_HealthServicer_to_server(
-            self.health, GatedRegistrar(self._server, self.gate, Policy(refuse=False))
-        )
-        # An interactive tool may keep a reflection stream open for ever: it
-        # must not hold up the shutdown.
-        _reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            _reflection.aio.ReflectionServicer(SERVICE_NAMES),
-            GatedRegistrar(self._server, self.gate, Policy(track=False)),
-        )
+        self.address: str | None = None  # the bound address, once started
+        self._checks: list[Check] = []
+        self._servicers: list[_Servicer] = []
+        self._service_checks: dict[str, tuple[str, ...] | None] = {}
+        self._loop_parts: _LoopParts | None = None
 
-    def _publish(self, results: Mapping[str, CheckOutcome]) -> None:
-        """Derive the published health statuses from the check outcomes."""
-        ready, reason = health.statuses_from_checks(results)
-        status = health.SERVING if ready else health.NOT_SERVING
-        self.health.set(health.OVERALL, status, reason)
-        self.health.set(health.READINESS, status, reason)
-        logging_outcome = results.get("logging")
-        logging_ok = logging_outcome is not None and logging_outcome.ok
-        self.health.set(
-            smoke.SERVICE_NAME,
-            health.SERVING if logging_ok else health.NOT_SERVING,
-            "logging check passes" if logging_ok else reason,
-        )
+    def add_check(self, check: Check) -> None:
+        """Run ``check`` in the background; a failing critical check turns readiness NOT_SERVING."""
+        self._require_not_started()
+        self._checks.append(check)
 
-    async def start(self) -> str:
+    def add_servicer(self, register: Register, servicer: object, *, checks: Sequence[str] | None = None) -> None:
+        """Serve ``servicer``, registered by its generated ``add_<Service>Servicer_to_server``.
+
+        Its calls are refused with UNAVAILABLE once shutdown begins, and
+        waited for.  Its health status follows ``checks`` (SERVING while all
+        of them pass) or, when ``checks`` is None, readiness.
+        """
+        self._require_not_started()
+        self._servicers.append(_Servicer(register, servicer, None if checks is None else tuple(checks)))
+
+    def publish(self, service: str, serving: bool, reason: str = "") -> None:
+        """Set the status of a name no servicer or check owns (event loop thread, after start)."""
+        parts = self._started()
+        if service in self._service_checks or service in (health.OVERALL, health.READINESS, health.LIVENESS):
+            raise ValueError(f"the status of {service!r} follows the checks; it cannot be set by hand")
+        parts.health.set(service, health.SERVING if serving else health.NOT_SERVING, reason)
+
+    @property
+    def health(self) -> health.HealthServicer:
+        """The ``grpc.health.v1`` servicer (after start)."""
+        return self._started().health
+
+    def _require_not_started(self) -> None:
+        if self._loop_parts is not None:
+            raise RuntimeError("add servicers and checks before the server starts")
+
+    def _started(self) -> _LoopParts:
+        if self._loop_parts is None:
+            raise RuntimeError("the server has not started")
+        return self._loop_parts
+
+    async def start(self, pipeline: logs.LogPipeline) -> str:
         """Bind, run every check once, publish statuses and start serving.
 
         Returns the address actually bound (port 0 replaced by the chosen port).
         """
-        address = self.settings.address
-        check_bindable(address)
-        try:
-            port = self._server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-        if port == 0 and not address.startswith("unix:"):
-            raise BindError(f"cannot listen on {address}")
-        self.address = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
-        # Liveness depends on nothing outside the process.
-        self.health.set(health.LIVENESS, health.SERVING, "process started")
-        await self.runner.start()
-        await self._server.start()
+        self._require_not_started()
+        check_bindable(self.settings.address)
+        parts = self._loop_parts = _LoopParts(self, pipeline)
+        self.address = parts.bind(self.settings.address)
+        # Liveness depends on nothing outside the process; the watchdog owns it from now on.
+        parts.health.set(health.LIVENESS, health.SERVING, "process started")
+        parts.watchdog.start()
+        await parts.runner.start()
+        await parts.server.start()
         _LOGGER.info("serving on %s", self.address)
         return self.address
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop as described in the module docstring, logging each step's timing."""
+    def _publish(self, results: Mapping[str, CheckOutcome]) -> None:
+        """Derive the published health statuses from the check outcomes."""
+        parts = self._started()
+        ready, reason = health.statuses_from_checks(results)
+        status = health.SERVING if ready else health.NOT_SERVING
+        parts.health.set(health.OVERALL, status, reason)
+        parts.health.set(health.READINESS, status, reason)
+        for service, names in self._service_checks.items():
+            if names is None:
+                parts.health.set(service, status, reason)
+                continue
+            failing = [results[n] for n in names if n in results and not results[n].ok]
+            parts.health.set(
+                service,
+                health.NOT_SERVING if failing else health.SERVING,
+                "; ".join(f"check {r.name} failing: {r.detail}" for r in failing) or f"passing: {', '.join(names)}",
+            )
+
+    async def shutdown(self) -> None:
+        """Drain and stop as described in the module docstring, logging each step's timing."""
+        parts = self._started()
+        drain, grace = self.settings.drain, self.settings.grace
         started = time.monotonic()
-        self.health.shutdown()
-        self.gate.close()
-        _LOGGER.info("statuses NOT_SERVING, new calls refused; waiting up to %gs for %d call(s) in flight",
-                     grace, self.gate.in_flight)
-        if await self.gate.wait_idle(grace):
+        parts.health.drain()
+        _LOGGER.info("draining: statuses NOT_SERVING (liveness excepted); still serving for %gs", drain)
+        if drain:
+            await asyncio.sleep(drain)
+            _LOGGER.info("drain over after %.3fs", time.monotonic() - started)
+        watchers = parts.health.watchers
+        parts.health.end_watches()
+        parts.gate.close()
+        closed = time.monotonic()
+        _LOGGER.info("%d Watch stream(s) ended, new calls refused; waiting up to %gs for %d call(s) in flight",
+                     watchers, grace, parts.gate.in_flight)
+        if await parts.gate.wait_idle(grace):
             _LOGGER.info("in-flight calls finished after %.3fs", time.monotonic() - started)
         else:
-            _LOGGER.warning("grace period of %gs over; cancelling %d call(s)", grace, self.gate.in_flight)
-        remaining = max(0.0, grace - (time.monotonic() - started))
-        if not await self.gate.wait_quiet(QUIET_PERIOD, remaining):
+            _LOGGER.warning("grace period of %gs over; cancelling %d call(s)", grace, parts.gate.in_flight)
+        remaining = max(0.0, grace - (time.monotonic() - closed))
+        if not await parts.gate.wait_quiet(QUIET_PERIOD, remaining):
             _LOGGER.warning("calls still arriving at the end of the grace period; stopping anyway")
-        _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", self.gate.refused)
+        _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", parts.gate.refused)
         # Every tracked call is done; what grpcio still runs is an untracked
         # stream (reflection) or a call that arrived this instant.
-        await self._server.stop(min(STOP_GRACE, max(0.0, grace - (time.monotonic() - started))))
-        await self.runner.stop()
+        await parts.server.stop(min(STOP_GRACE, max(0.0, grace - (time.monotonic() - closed))))
+        await parts.runner.stop()
+        await parts.watchdog.stop()
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)
 
 
-async def serve(settings: ServeSettings, pipeline: LogPipeline) -> int:
-    """Run the server until a signal, then shut down gracefully; return the exit code."""
+class _LoopParts:
+    """What a server builds once its event loop runs: grpc server, health, gate, checks."""
+
+    def __init__(self, owner: PetSageServer, pipeline: logs.LogPipeline) -> None:
+        settings = owner.settings
+        self.gate = Gate()
+        self.health = health.HealthServicer(settings.max_watchers)
+        self.watchdog = Watchdog(settings.stall_limit, self._on_stall_change)
+        checks = [
+            logging_check(pipeline, settings.log_timeout, settings.check_interval),
+            event_loop_check(self.watchdog, settings.check_interval),
+            *owner._checks,
+        ]
+        self.runner = CheckRunner(checks, on_change=owner._publish)
+        pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        smoke_servicer = smoke.SmokeTestServicer(self.runner, owner.instance_id, datetime.now(UTC))
+        served = [_Servicer(smoke.add_to_server, smoke_servicer, ("logging",)), *owner._servicers]
+        known = {check.name for check in checks}
+        for entry in served:
+            registrar = GatedRegistrar(self.server, self.gate)
+            entry.register(entry.servicer, registrar)
+            for name in entry.checks or ():
+                if name not in known:
+                    raise ValueError(f"{registrar.service_names or entry.servicer!r} follows unknown check {name!r}")
+            for service in registrar.service_names:
+                owner._service_checks[service] = entry.checks
+        # Health keeps answering while the server stops (readiness NOT_SERVING,
+        # liveness SERVING): probes must see the truth, not UNAVAILABLE.
+        _health_pb2_grpc.add_HealthServicer_to_server(
+            self.health, GatedRegistrar(self.server, self.gate, Policy(refuse=False))
+        )
+        # An interactive tool may keep a reflection stream open for ever: it
+        # must not hold up the shutdown.
+        names = (*owner._service_checks, health.SERVICE_NAME, _reflection.SERVICE_NAME)
+        _reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            _reflection.aio.ReflectionServicer(names), GatedRegistrar(self.server, self.gate, Policy(track=False))
+        )
+
+    def bind(self, address: str) -> str:
+        """Listen on ``address``; return it with port 0 replaced by the port chosen."""
+        try:
+            port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if address.startswith("unix:"):
+            return address
+        if port == 0:
+            raise BindError(f"cannot listen on {address}")
+        return f"{address.rpartition(':')[0]}:{port}"
+
+    def _on_stall_change(self, alive: bool, reason: str) -> None:
+        """Called from the watchdog thread: liveness follows the event loop."""
+        self.health.set_threadsafe(health.LIVENESS, health.SERVING if alive else health.NOT_SERVING, reason)
+        self.runner.trigger("event_loop")
+
+
+async def serve(server: PetSageServer, pipeline: logs.LogPipeline) -> int:
+    """Run ``server`` until a signal, then shut down gracefully; return the exit code."""
     loop = asyncio.get_running_loop()
-    server = PetSageServer(settings, pipeline)
     _LOGGER.info("petsage-grpc %s starting (instance %s, logging to %s)",
                  __version__, server.instance_id, ", ".join(s.name for s in pipeline.sinks))
     signalled = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if signalled.is_set():
-            stderr_line(f"petsage-grpc: second {signal.Signals(signum).name}: exiting at once")
+            logs.stderr_line(f"petsage-grpc: second {signal.Signals(signum).name}: exiting at once")
             os._exit(128 + signum)
-        _LOGGER.info("received %s: shutting down (grace %gs)", signal.Signals(signum).name, settings.grace)
+        _LOGGER.info("received %s: shutting down (drain %gs, grace %gs)",
+                     signal.Signals(signum).name, server.settings.drain, server.settings.grace)
         signalled.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await server.start()
+        await server.start(pipeline)
         await signalled.wait()
-        await server.shutdown(settings.grace)
+        await server.shutdown()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
+    """Run ``server`` as the whole program and return its exit code.
+
+    Sets up logging from the server's settings (stdout, plus ``log_file``),
+    serves until SIGTERM/SIGINT, and turns a log file it cannot open
+    (:data:`EXIT_BAD_SETTING`) or an address it cannot listen on
+    (:data:`EXIT_CANNOT_LISTEN`) into one line on stderr, prefixed ``prog``.
+    """
+    settings = server.settings
+    sinks: list[Sink] = [StdoutSink()]
+    if settings.log_file is not None:
+        try:
+            sinks.append(FileSink(settings.log_file))
+        except OSError as exc:
+            print(f"{prog}: error: cannot open --log-file {settings.log_file!r}: {exc.strerror}", file=sys.stderr)
+            return EXIT_BAD_SETTING
+    pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(serve(server, pipeline))
+    except BindError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    finally:
+        pipeline.close()

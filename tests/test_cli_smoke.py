@@ -24,7 +24,8 @@ def test_smoke_ok_prints_result_and_exits_0(server: ServerProcess) -> None:
     assert lines[1] == "message: PetSage services are running and logging is active."
     assert lines[2].startswith("timestamp: ") and lines[2].endswith("Z")
     assert lines[3].startswith("check logging: STATUS_OK (critical, ")
-    assert lines[4].startswith("server: version 0.1.0, instance ")
+    assert lines[4].startswith("check event_loop: STATUS_OK (critical, ")
+    assert lines[5].startswith("server: version 0.1.0, instance ")
     assert done.stderr == ""
 
 

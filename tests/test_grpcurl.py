@@ -52,8 +52,9 @@ def test_grpcurl_calls_smoke_test(server: ServerProcess) -> None:
     assert answer["status"] == "STATUS_OK"
     assert answer["message"] == "PetSage services are running and logging is active."
     assert RFC3339_UTC.match(answer["timestamp"]), answer["timestamp"]
-    [check] = answer["checks"]
-    assert check["name"] == "logging" and check["status"] == "STATUS_OK" and check["critical"] is True
+    assert [(c["name"], c["status"], c["critical"]) for c in answer["checks"]] == [
+        ("logging", "STATUS_OK", True), ("event_loop", "STATUS_OK", True)
+    ]
     assert set(answer["server"]) == {"version", "instance_id", "start_time"}
 
 

@@ -1,0 +1,49 @@
+"""Binding the listening address, with a precise reason when it cannot be done.
+
+grpc reports only "Failed to bind"; a trial bind before grpc's tells a taken
+port from an unknown host or a missing permission.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+class BindError(RuntimeError):
+    """The server cannot listen on the configured address."""
+
+
+def check_bindable(address: str) -> None:
+    """Fail with a precise :class:`BindError` if ``address`` cannot be listened on.
+
+    grpc reports only "Failed to bind"; a trial bind (with SO_REUSEADDR, as
+    grpc uses) tells a taken port from an unknown host or a missing permission.
+    """
+    if address.startswith("unix:"):
+        return
+    host, _, port_text = address.rpartition(":")
+    host, port = host.strip("[]"), int(port_text)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot listen on {address}: cannot resolve {host!r} ({exc.strerror})") from None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # e.g. IPv6 disabled: grpc falls back to what works
+            continue
+        with probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise BindError(f"cannot listen on {address}: the port is already in use") from None
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
+                    continue
+                raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
