@@ -56,11 +56,18 @@ class LineLog:
             self._closed = True
             self._changed.notify_all()
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = PROCESS_TIMEOUT) -> re.Match[str]:
-        """Block until a line matches ``pattern``; fail the test after ``timeout``."""
+    def mark(self) -> int:
+        """How many lines have been read: pass it as ``wait_for(start=...)`` to skip them."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float = PROCESS_TIMEOUT, start: int = 0
+    ) -> re.Match[str]:
+        """Block until a line (from line ``start`` on) matches ``pattern``; fail the test after ``timeout``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = start
         with self._changed:
             while True:
                 for line in self.lines[seen:]:
@@ -92,8 +99,12 @@ def wait_for_file_line(path: Path, pattern: str, timeout: float = PROCESS_TIMEOU
     raise AssertionError(f"no line matching {pattern!r} in {path}")
 
 
+#: The repository root: the working directory of every child process, so ``tests.*`` imports.
+ROOT = Path(__file__).resolve().parent.parent
+
+
 class ServerProcess:
-    """``python -m petsage_grpc serve`` in a child process."""
+    """``python -m petsage_grpc serve`` (or another ``command``) in a child process."""
 
     def __init__(
         self,
@@ -104,13 +115,14 @@ class ServerProcess:
         address: str = "127.0.0.1:0",
         preexec_fn: Callable[[], Any] | None = None,
         wait: bool = True,
+        command: Sequence[str] = (sys.executable, "-m", "petsage_grpc", "serve"),
     ) -> None:
-        command = [sys.executable, "-m", "petsage_grpc", "serve"]
+        command = list(command)
         if address:
             command += ["--address", address]
         self.process = subprocess.Popen(
             [*command, *args], stdout=stdout, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, cwd=ROOT,
         )
         self.stdout = LineLog(self.process.stdout if stdout == subprocess.PIPE else None)
         self.stderr = LineLog(self.process.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -207,3 +208,47 @@ def test_open_reflection_stream_does_not_hold_up_shutdown(start_server: Start) -
     assert server.wait() == 0
     assert time.monotonic() - started < 10
     asked.set()
+
+
+def test_drain_keeps_serving_not_serving_then_ends_watches_and_finishes_in_flight_calls(start_server: Start) -> None:
+    server, read_end, write_end = start_on_small_pipe(
+        start_server, "--drain", "1.5", "--grace", "30", "--log-timeout", "60"
+    )
+    channel = server.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=30)
+    assert next(watch).status == SERVING
+    stall(write_end)  # the in-flight SmokeTest waits for its record until we read again
+    in_flight = smoke_pb2_grpc.SmokeTestServiceStub(channel).SmokeTest.future(smoke_pb2.SmokeTestRequest(), timeout=30)
+
+    def list_services() -> list[str]:
+        answers = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=RPC_TIMEOUT
+        )
+        return [s.name for s in next(answers).list_services_response.service]
+
+    server.signal(signal.SIGTERM)
+    assert next(watch).status == NOT_SERVING
+    not_serving_at = time.monotonic()
+    # Draining: still answering every call, with the new statuses.
+    assert "grpc.health.v1.Health" in list_services()
+    assert health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=RPC_TIMEOUT).status == NOT_SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=RPC_TIMEOUT).status == SERVING
+
+    with pytest.raises(grpc.RpcError) as ended:
+        next(watch)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - not_serving_at >= 1.0  # not before the drain is over
+    with pytest.raises(grpc.RpcError) as refused:
+        list_services()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not in_flight.done()
+
+    output = LineLog(os.fdopen(read_end, "rb"))  # reading again lets the record through
+    assert in_flight.result().status == smoke_pb2.STATUS_OK
+    assert server.wait() == 0
+    steps = ["draining: statuses NOT_SERVING", "drain over after 1.5", "1 Watch stream(s) ended, new calls refused",
+             "in-flight calls finished after", "stopped after"]
+    found = [output.wait_for(re.escape(step)).string for step in steps]
+    assert [output.lines.index(line) for line in found] == sorted(output.lines.index(line) for line in found)

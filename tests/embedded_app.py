@@ -1,0 +1,105 @@
+"""A service embedding the PetSage server as the README shows, with checks a test steers.
+
+``python -m tests.embedded_app --control DIR [serve flags]`` serves like
+``petsage-grpc serve`` plus these checks, each steered by the file DIR/<name>
+(re-read on every run, every 0.1 s):
+
+- ``database`` (critical, async) and ``cache`` (non-critical, async): the
+  file says ``ok``, ``raise <message>``, ``hang`` (await for ever: the check
+  times out) or ``block <seconds>`` (sleep on the event loop itself, the
+  classic blocking call in async code that stalls the whole server).
+- ``legacy`` (non-critical, a plain function, so it runs on a thread): ``ok``,
+  ``raise <message>`` or ``hang`` (never returns).
+- ``publisher`` (non-critical): publishes a SERVING status for every name
+  listed in DIR/publish, one per line (names no servicer owns).
+
+A missing file means ``ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from petsage_grpc import config
+from petsage_grpc.checks import Check, CheckFailed
+from petsage_grpc.server import PetSageServer, run
+
+#: How often the steered checks run, and how long each may take.
+INTERVAL = 0.1
+TIMEOUT = 0.5
+
+
+def _command(control: Path, name: str) -> tuple[str, str]:
+    try:
+        text = (control / name).read_text().strip()
+    except FileNotFoundError:
+        text = "ok"
+    verb, _, rest = text.partition(" ")
+    return verb, rest
+
+
+def _async_check(control: Path, name: str) -> Check:
+    async def steered() -> str:
+        verb, rest = _command(control, name)
+        if verb == "raise":
+            raise CheckFailed(rest)
+        if verb == "hang":
+            await asyncio.Event().wait()
+        if verb == "block":
+            (control / name).write_text("ok")  # block once, not on every run
+            time.sleep(float(rest))
+        return f"{name} answers"
+
+    return Check(name, steered, interval=INTERVAL, timeout=TIMEOUT, critical=name == "database")
+
+
+def _sync_check(control: Path, name: str) -> Check:
+    def steered() -> str:
+        verb, rest = _command(control, name)
+        if verb == "raise":
+            raise RuntimeError(rest)
+        if verb == "hang":
+            threading.Event().wait()
+        return f"{name} answers"
+
+    return Check(name, steered, interval=INTERVAL, timeout=TIMEOUT, critical=False)
+
+
+def build(control: Path, settings: config.ServeSettings) -> PetSageServer:
+    """The server with the steered checks added."""
+    server = PetSageServer(settings)
+    for name in ("database", "cache"):
+        server.add_check(_async_check(control, name))
+    server.add_check(_sync_check(control, "legacy"))
+    published: set[str] = set()
+
+    async def publish_listed() -> str:
+        path = control / "publish"
+        names = path.read_text().split() if path.exists() else []
+        for name in names:
+            if name not in published:
+                server.publish(name, serving=True, reason="listed in the control file")
+                published.add(name)
+        return f"{len(published)} name(s) published"
+
+    server.add_check(Check("publisher", publish_listed, interval=INTERVAL, timeout=TIMEOUT, critical=False))
+    return server
+
+
+def main(argv: list[str]) -> int:
+    """Parse ``--control`` and the serve flags, then run until a signal."""
+    parser = argparse.ArgumentParser(prog="embedded_app")
+    parser.add_argument("--control", type=Path, required=True)
+    config.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(build(args.control, config.resolve(args, os.environ)), prog="embedded_app")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
