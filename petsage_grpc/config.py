@@ -80,6 +80,16 @@ def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
     return parse
 
 
+def _switch(value: str) -> bool:
+    """Accept true/false, yes/no, on/off or 1/0, in any case."""
+    folded = value.strip().lower()
+    if folded in ("1", "true", "yes", "on"):
+        return True
+    if folded in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _path(value: str) -> str:
     """Accept a non-empty path (the file is opened, and checked, at start-up)."""
     if not value.strip():
@@ -94,7 +104,7 @@ class Setting:
     name: str
     parse: Callable[[str], Any]
     help: str
-    metavar: str
+    metavar: str | None  # None: an on/off setting whose flag, --no-NAME, takes no value
 
     @property
     def default(self) -> Any:
@@ -102,9 +112,18 @@ class Setting:
         return ServeSettings.__dataclass_fields__[self.name].default
 
     @property
+    def default_text(self) -> str:
+        """The default as ``--help`` and the README show it: ``none``, ``on``/``off`` or the value."""
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        return str(self.default)
+
+    @property
     def flag(self) -> str:
-        """The command-line flag, e.g. ``--log-file``."""
-        return "--" + self.name.replace("_", "-")
+        """The command-line flag, e.g. ``--log-file`` (``--no-reflection`` for an on/off setting)."""
+        return ("--" if self.metavar else "--no-") + self.name.replace("_", "-")
 
     @property
     def env(self) -> str:
@@ -126,6 +145,10 @@ class ServeSettings:
     drain: float = 0.0
     max_watchers: int = 10_000
     stall_limit: float = 2.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    reflection: bool = True
 
     def __post_init__(self) -> None:
         # Settings built in code (by a service embedding the server) get the
@@ -138,6 +161,10 @@ class ServeSettings:
                 object.__setattr__(self, setting.name, setting.parse(str(value)))
             except ValueError as exc:
                 raise SettingError(f"{setting.name!r} {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingError("--tls-cert and --tls-key go together: give both to serve TLS")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -162,17 +189,25 @@ SETTINGS: tuple[Setting, ...] = (
             "concurrent Health/Watch streams allowed; more get RESOURCE_EXHAUSTED", "N"),
     Setting("stall_limit", _seconds(0, False),
             "seconds the event loop may go without running before liveness turns NOT_SERVING", "SECONDS"),
+    Setting("tls_cert", _path, "serve TLS with this PEM certificate chain (with --tls-key)", "PATH"),
+    Setting("tls_key", _path, "the PEM private key of --tls-cert", "PATH"),
+    Setting("tls_client_ca", _path,
+            "require client certificates signed by these PEM CA certificates (mTLS)", "PATH"),
+    Setting("reflection", _switch,
+            "do not serve reflection (the variable takes true or false)", None),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; values stay raw strings until :func:`resolve`."""
     for setting in SETTINGS:
-        default = "none" if setting.default is None else setting.default
-        parser.add_argument(
-            setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
-            help=f"{setting.help} [env {setting.env}; default {default}]",
-        )
+        help_text = f"{setting.help} [env {setting.env}; default {setting.default_text}]"
+        if setting.metavar is None:
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="false",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
+                                help=help_text)
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:

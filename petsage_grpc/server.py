@@ -29,10 +29,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
-from grpc_reflection.v1alpha import reflection as _reflection
-from grpc_reflection.v1alpha import reflection_pb2_grpc as _reflection_pb2_grpc
 
-from petsage_grpc import __version__, health, logs, smoke
+from petsage_grpc import __version__, health, logs, reflection, smoke, tls
 from petsage_grpc.binding import BindError, check_bindable
 from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
 from petsage_grpc.config import ServeSettings
@@ -123,9 +121,13 @@ class PetSageServer:
         Returns the address actually bound (port 0 replaced by the chosen port).
         """
         self._require_not_started()
-        check_bindable(self.settings.address)
+        settings = self.settings
+        credentials = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        check_bindable(settings.address)
         parts = self._loop_parts = _LoopParts(self, pipeline)
-        self.address = parts.bind(self.settings.address)
+        self.address = parts.bind(settings.address, credentials)
         # Liveness depends on nothing outside the process; the watchdog owns it from now on.
         parts.health.set(health.LIVENESS, health.SERVING, "process started")
         parts.watchdog.start()
@@ -216,17 +218,21 @@ class _LoopParts:
         _health_pb2_grpc.add_HealthServicer_to_server(
             self.health, GatedRegistrar(self.server, self.gate, Policy(refuse=False))
         )
-        # An interactive tool may keep a reflection stream open for ever: it
-        # must not hold up the shutdown.
-        names = (*owner._service_checks, health.SERVICE_NAME, _reflection.SERVICE_NAME)
-        _reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            _reflection.aio.ReflectionServicer(names), GatedRegistrar(self.server, self.gate, Policy(track=False))
-        )
+        if settings.reflection:
+            # An interactive tool may keep a reflection stream open for ever:
+            # it must not hold up the shutdown.
+            reflection.add_to_server(
+                (*owner._service_checks, health.SERVICE_NAME),
+                GatedRegistrar(self.server, self.gate, Policy(track=False)),
+            )
 
-    def bind(self, address: str) -> str:
-        """Listen on ``address``; return it with port 0 replaced by the port chosen."""
+    def bind(self, address: str, credentials: grpc.ServerCredentials | None) -> str:
+        """Listen on ``address`` (TLS with ``credentials``); return it with port 0 replaced."""
         try:
-            port = self.server.add_insecure_port(address)
+            if credentials is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, credentials)
         except RuntimeError:
             port = 0
         if address.startswith("unix:"):
@@ -272,8 +278,8 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     """Run ``server`` as the whole program and return its exit code.
 
     Sets up logging from the server's settings (stdout, plus ``log_file``),
-    serves until SIGTERM/SIGINT, and turns a log file it cannot open
-    (:data:`EXIT_BAD_SETTING`) or an address it cannot listen on
+    serves until SIGTERM/SIGINT, and turns a log file or TLS file it cannot
+    use (:data:`EXIT_BAD_SETTING`) or an address it cannot listen on
     (:data:`EXIT_CANNOT_LISTEN`) into one line on stderr, prefixed ``prog``.
     """
     settings = server.settings
@@ -287,6 +293,9 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
     try:
         return asyncio.run(serve(server, pipeline))
+    except tls.TLSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTING
     except BindError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN

@@ -27,6 +27,13 @@ Start = Callable[..., ServerProcess]
         ([], {"PETSAGE_GRPC_GRACE": "abc"}, "invalid PETSAGE_GRPC_GRACE='abc': expected a number of seconds"),
         ([], {"PETSAGE_GRPC_LOG_LEVEL": "LOUD"}, "invalid PETSAGE_GRPC_LOG_LEVEL='LOUD': expected one of DEBUG"),
         ([], {"PETSAGE_GRPC_ADDRESS": "50051"}, "invalid PETSAGE_GRPC_ADDRESS='50051': expected HOST:PORT"),
+        (["--drain", "-2"], {}, "invalid --drain='-2': should be ≥ 0 seconds"),
+        (["--max-watchers", "0"], {}, "invalid --max-watchers='0': should be ≥ 1"),
+        (["--max-watchers", "lots"], {}, "invalid --max-watchers='lots': expected a whole number"),
+        (["--stall-limit", "0"], {}, "invalid --stall-limit='0': should be > 0 seconds"),
+        ([], {"PETSAGE_GRPC_REFLECTION": "maybe"}, "invalid PETSAGE_GRPC_REFLECTION='maybe': expected true or false"),
+        (["--tls-key", "/k.pem"], {}, "--tls-cert and --tls-key go together: give both to serve TLS"),
+        (["--tls-client-ca", "/ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
         ([], {"PETSAGE_GRPC_LOG_FILE": "/no/such/dir/x.log"},
          "cannot open --log-file '/no/such/dir/x.log': No such file or directory"),
     ],
@@ -89,10 +96,11 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     text = README.read_text()
 
     for setting in config.SETTINGS:
-        row = next((line for line in text.splitlines() if line.startswith(f"| `{setting.flag} ")), None)
-        assert row is not None, setting.flag
+        flag = f"`{setting.flag}{' ' + setting.metavar if setting.metavar else ''}`"
+        row = next((line for line in text.splitlines() if line.startswith(f"| {flag} ")), None)
+        assert row is not None, flag
         assert f"`{setting.env}`" in row
-        assert (f"`{setting.default}`" if setting.default is not None else "| none |") in row
+        assert (f"`{setting.default_text}`" if setting.default is not None else "| none |") in row
 
 
 def test_ci_runs_the_readme_test_command() -> None:

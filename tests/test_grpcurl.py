@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -33,9 +34,41 @@ def test_grpcurl_list_shows_every_service(server: ServerProcess) -> None:
 
     assert services == [
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
         "petsage.smoke.v1.SmokeTestService",
     ]
+
+
+def test_grpcurl_describe_resolves_a_method_symbol(server: ServerProcess) -> None:
+    described = grpcurl(server, "describe", "petsage.smoke.v1.SmokeTestService.SmokeTest")
+
+    assert "petsage.smoke.v1.SmokeTestService.SmokeTest is a method:" in described
+    assert "rpc SmokeTest ( .petsage.smoke.v1.SmokeTestRequest ) returns ( .petsage.smoke.v1.SmokeTestResponse );" \
+        in described
+
+
+def test_grpcurl_describe_of_a_file_the_server_does_not_serve_is_not_found(server: ServerProcess) -> None:
+    done = subprocess.run(
+        [tool("grpcurl"), "-plaintext", "-max-time", "10", server.address, "describe",
+         "google.protobuf.FileDescriptorProto"],  # loaded in every Python process, served by no service here
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+    assert done.returncode != 0
+    assert "Symbol not found: google.protobuf.FileDescriptorProto" in done.stderr
+
+
+def test_no_reflection_turns_reflection_off(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server("--no-reflection")
+    done = subprocess.run(
+        [tool("grpcurl"), "-plaintext", "-max-time", "10", server.address, "list"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+    assert done.returncode != 0
+    assert "server does not support the reflection API" in done.stderr
+    assert server.health("readiness") == 1
 
 
 def test_grpcurl_describe_resolves_timestamp(server: ServerProcess) -> None:
