@@ -101,11 +101,6 @@ class PetSageServer:
             raise ValueError(f"the status of {service!r} follows the checks; it cannot be set by hand")
         parts.health.set(service, health.SERVING if serving else health.NOT_SERVING, reason)
 
-    @property
-    def health(self) -> health.HealthServicer:
-        """The ``grpc.health.v1`` servicer (after start)."""
-        return self._started().health
-
     def _require_not_started(self) -> None:
         if self._loop_parts is not None:
             raise RuntimeError("add servicers and checks before the server starts")
