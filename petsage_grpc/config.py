@@ -149,6 +149,7 @@ class ServeSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     reflection: bool = True
+    workers: int = 1
 
     def __post_init__(self) -> None:
         # Settings built in code (by a service embedding the server) get the
@@ -163,6 +164,8 @@ class ServeSettings:
                 raise SettingError(f"{setting.name!r} {exc}") from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingError("--tls-cert and --tls-key go together: give both to serve TLS")
+        if self.workers > 1 and self.address.startswith("unix:"):
+            raise SettingError("--workers needs a HOST:PORT address: workers share a TCP port")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
 
@@ -195,6 +198,8 @@ SETTINGS: tuple[Setting, ...] = (
             "require client certificates signed by these PEM CA certificates (mTLS)", "PATH"),
     Setting("reflection", _switch,
             "do not serve reflection (the variable takes true or false)", None),
+    Setting("workers", _count(1),
+            "server processes sharing the port (SO_REUSEPORT); one per core uses every core", "N"),
 )
 
 

@@ -23,14 +23,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from petsage_grpc import __version__, health, logs, reflection, smoke, tls
+from petsage_grpc import __version__, health, logs, reflection, smoke, tls, workers
 from petsage_grpc.binding import BindError, check_bindable
 from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
 from petsage_grpc.config import ServeSettings
@@ -39,8 +39,10 @@ from petsage_grpc.sinks import FileSink, Sink, StdoutSink
 from petsage_grpc.watchdog import Watchdog, event_loop_check
 
 _LOGGER = logging.getLogger(__name__)
-# No SO_REUSEPORT: a second server on a taken port must fail, not share it.
+# No SO_REUSEPORT: a second server on a taken port must fail, not share it
+# (workers of one ``serve --workers N`` excepted: they share it on purpose).
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+WORKER_OPTIONS = (("grpc.so_reuseport", 1),)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
 QUIET_PERIOD = 0.2
 #: The grace handed to grpcio's stop() once our own waiting is over.
@@ -72,6 +74,9 @@ class PetSageServer:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
+        self.worker = workers.current()
+        if self.worker is not None:
+            self.settings = replace(settings, address=self.worker.address)
         self.instance_id = smoke.new_instance_id()
         self.address: str | None = None  # the bound address, once started
         self._checks: list[Check] = []
@@ -120,7 +125,8 @@ class PetSageServer:
         credentials = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        check_bindable(settings.address)
+        if self.worker is None:  # a worker's port is shared with its siblings on purpose
+            check_bindable(settings.address)
         parts = self._loop_parts = _LoopParts(self, pipeline)
         self.address = parts.bind(settings.address, credentials)
         # Liveness depends on nothing outside the process; the watchdog owns it from now on.
@@ -128,7 +134,11 @@ class PetSageServer:
         parts.watchdog.start()
         await parts.runner.start()
         await parts.server.start()
-        _LOGGER.info("serving on %s", self.address)
+        if self.worker is None:
+            _LOGGER.info("serving on %s", self.address)
+        else:
+            _LOGGER.info("worker %s ready on %s", self.worker.name, self.address)
+            self.worker.report_ready()
         return self.address
 
     def _publish(self, results: Mapping[str, CheckOutcome]) -> None:
@@ -196,7 +206,7 @@ class _LoopParts:
         ]
         self.runner = CheckRunner(checks, on_change=owner._publish)
         pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS if owner.worker is None else WORKER_OPTIONS)
         smoke_servicer = smoke.SmokeTestServicer(self.runner, owner.instance_id, datetime.now(UTC))
         served = [_Servicer(smoke.add_to_server, smoke_servicer, ("logging",)), *owner._servicers]
         known = {check.name for check in checks}
@@ -287,6 +297,8 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
             return EXIT_BAD_SETTING
     pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
     try:
+        if settings.workers > 1 and server.worker is None:
+            return workers.supervise(settings.address, settings.workers)
         return asyncio.run(serve(server, pipeline))
     except tls.TLSError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
