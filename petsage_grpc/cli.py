@@ -68,11 +68,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["probe"]:
-        # The probe parses its own flags (grpc_health_probe's one-line errors)
-        # and skips building the other subcommands: it runs as an exec probe.
+        # The probe parses its own flags (grpc_health_probe's one-line errors),
+        # skips building the other subcommands and ends the process itself:
+        # it runs as an exec probe, timed as a whole process.
         from petsage_grpc import probe
 
-        return probe.main(argv[1:])
+        return probe.main(argv[1:], exit_process=True)
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -11,53 +11,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.protobuf import json_format
+from petsage_grpc import __version__, dial
 
-from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
-from petsage_grpc._proto.smoke.v1 import smoke_pb2_grpc as _smoke_pb2_grpc
+if TYPE_CHECKING:
+    from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
 
 EXIT_OK = 0
+EXIT_USAGE = 1
 EXIT_CONNECTION_FAILED = 2
 EXIT_RPC_FAILED = 3
 EXIT_NOT_OK = 4
 DEFAULT_ADDRESS = "localhost:50051"
-
-
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"should be > 0 seconds, got {value!r}")
-    return seconds
+DEFAULT_TIMEOUT = 5.0
 
 
 def add_parser(commands: Any) -> None:
-    """Add the ``smoke`` subcommand to ``commands`` (an argparse subparsers object)."""
+    """Add the ``smoke`` subcommand to ``commands`` (an argparse subparsers object).
+
+    It takes the probe's connection and TLS flags; ``--address`` and
+    ``--timeout`` remain as other spellings of ``-addr`` and ``-rpc-timeout``.
+    """
     parser = commands.add_parser(
-        "smoke", help="call SmokeTest on a server and report the result",
+        "smoke", help="call SmokeTest on a server and report the result", allow_abbrev=False,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
-                        help=f"server to call [default {DEFAULT_ADDRESS}]")
-    parser.add_argument("--connect-timeout", type=_positive_seconds, default=5.0, metavar="SECONDS",
-                        help="how long to try to connect [default 5]")
-    parser.add_argument("--timeout", type=_positive_seconds, default=5.0, metavar="SECONDS",
-                        help="deadline of the SmokeTest call [default 5]")
+    dial.add_arguments(parser, connect_timeout=DEFAULT_TIMEOUT, rpc_timeout=DEFAULT_TIMEOUT,
+                       user_agent=f"petsage-grpc/{__version__}", address=DEFAULT_ADDRESS,
+                       aliases={"addr": ["--address"], "rpc-timeout": ["--timeout"]})
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _as_dict(response: _smoke_pb2.SmokeTestResponse) -> dict[str, Any]:
+    from google.protobuf import json_format
+
     return json_format.MessageToDict(
         response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
 
 
 def _as_text(response: _smoke_pb2.SmokeTestResponse) -> str:
+    from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
+
     lines = [
         f"status: {_smoke_pb2.Status.Name(response.status)}",
         f"message: {response.message}",
@@ -81,19 +77,36 @@ def _fail(message: str, code: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Call SmokeTest as ``args`` say; print the result and return the exit code."""
-    with grpc.insecure_channel(args.address) as channel:
+    problem = dial.check(args)
+    if problem is not None:
+        return _fail(f"error: {problem}", EXIT_USAGE)
+    dial.quiet_grpc()
+    import grpc
+
+    from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
+    from petsage_grpc._proto.smoke.v1 import smoke_pb2_grpc as _smoke_pb2_grpc
+    from petsage_grpc.tls import TLSError
+
+    cannot_connect = f"cannot connect to {args.addr} within {args.connect_timeout:g}s"
+    try:
+        channel = dial.open_channel(args)
+    except TLSError as exc:
+        return _fail(f"error: {exc}", EXIT_USAGE)
+    except TimeoutError:
+        return _fail(cannot_connect, EXIT_CONNECTION_FAILED)
+    with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
         except grpc.FutureTimeoutError:
-            return _fail(f"cannot connect to {args.address} within {args.connect_timeout:g}s",
-                         EXIT_CONNECTION_FAILED)
+            return _fail(cannot_connect, EXIT_CONNECTION_FAILED)
         stub = _smoke_pb2_grpc.SmokeTestServiceStub(channel)
         try:
-            response = stub.SmokeTest(_smoke_pb2.SmokeTestRequest(), timeout=args.timeout)
+            response = stub.SmokeTest(_smoke_pb2.SmokeTestRequest(), timeout=args.rpc_timeout,
+                                      metadata=dial.metadata(args))
         except grpc.RpcError as exc:
             code: grpc.StatusCode = exc.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return _fail(f"deadline exceeded: no answer from {args.address} within {args.timeout:g}s",
+                return _fail(f"deadline exceeded: no answer from {args.addr} within {args.rpc_timeout:g}s",
                              EXIT_RPC_FAILED)
             return _fail(f"RPC failed: {code.name}: {exc.details()}", EXIT_RPC_FAILED)
     print(json.dumps(_as_dict(response)) if args.json else _as_text(response))

@@ -97,3 +97,21 @@ def test_smoke_bad_arguments_exit_1(args: list[str]) -> None:
 
     assert done.returncode == 1
     assert "petsage-grpc smoke: error: " in done.stderr
+
+
+def test_smoke_takes_the_probe_connection_flags(server: ServerProcess) -> None:
+    done = run_cli("smoke", f"-addr={server.address}", "-connect-timeout", "2s", "-rpc-timeout=1500ms",
+                   "-user-agent", "smoke-test", "-rpc-header", "x-tenant: pets", "-gzip", "--json")
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "STATUS_OK"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-tls-ca-cert", "ca.pem"], "specified -tls-ca-cert without specifying -tls"),
+    (["-tls", "-tls-client-key", "k.pem"], "specified -tls-client-key without specifying -tls-client-cert"),
+])
+def test_smoke_applies_the_probe_tls_rules(args: list[str], message: str) -> None:
+    done = run_cli("smoke", *args)
+
+    assert (done.returncode, done.stderr.splitlines()) == (1, [f"petsage-grpc smoke: error: {message}"])

@@ -1,0 +1,143 @@
+"""``petsage-grpc probe``: a drop-in for grpc_health_probe, in Python.
+
+Same flags (one dash or two), defaults, argument rules, exit codes and stderr
+lines as grpc_health_probe 0.4: 0 SERVING, 1 bad arguments, 2 cannot connect
+within ``-connect-timeout``, 3 the RPC failed (NOT_FOUND, UNIMPLEMENTED and
+the deadline included), 4 answered but not SERVING.  Beyond it: several
+``-service`` flags (all must be SERVING), ``--all`` (every service ``List``
+names), ``--wait SECONDS`` (retry with backoff until SERVING or time is up),
+``--json`` (one object on stdout) and a clean end on SIGTERM as on SIGINT.
+
+It runs as a Kubernetes exec probe, so it imports grpc only once the
+arguments are valid, and nothing it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from petsage_grpc import __version__, dial
+
+EXIT_SERVING = 0
+EXIT_USAGE = 1
+EXIT_CONNECTION_FAILED = 2
+EXIT_RPC_FAILED = 3
+EXIT_UNHEALTHY = 4
+#: Longest any wait goes without looking whether a signal arrived.
+SIGNAL_LATENCY = 0.05
+#: grpc_health_probe's defaults: one second each, and its user agent.
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_USER_AGENT = "grpc_health_probe"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error: ...`` line and exit code 1, as grpc_health_probe."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` on one line and exit with :data:`EXIT_USAGE`."""
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def build_parser(prog: str = "petsage-grpc probe") -> argparse.ArgumentParser:
+    """The probe's own argument parser (grpc_health_probe's flags, then ours)."""
+    parser = _Parser(prog=prog, description=__doc__, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    dial.add_arguments(parser, connect_timeout=DEFAULT_TIMEOUT, rpc_timeout=DEFAULT_TIMEOUT,
+                       user_agent=DEFAULT_USER_AGENT)
+    parser.add_argument("-service", "--service", action="append", metavar="NAME",
+                        help='service to check [default ""]; repeat for several, all must be SERVING')
+    parser.add_argument("-v", "--verbose", dest="verbose", type=dial.parse_bool, nargs="?", const=True,
+                        default=False, metavar="BOOL", help="verbose logs")
+    parser.add_argument("-version", "--version", dest="version", type=dial.parse_bool, nargs="?", const=True,
+                        default=False, metavar="BOOL", help="print the version and exit")
+    parser.add_argument("--all", action="store_true", help="check every service the server's List names")
+    parser.add_argument("--wait", type=dial.parse_duration, default=0.0, metavar="DURATION",
+                        help="retry with backoff until SERVING or this much time has passed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every result and timing")
+    return parser
+
+
+def _check_extras(args: argparse.Namespace) -> str | None:
+    if args.all and args.service:
+        return "cannot specify -service with --all (--all checks every service)"
+    if args.wait < 0:
+        return f"--wait must not be negative (specified: {dial.format_duration(args.wait)})"
+    return None
+
+
+class Stop:
+    """SIGTERM and SIGINT set a flag that the probe's waits look at: no exception mid-call.
+
+    ``wake`` is set by grpc's callbacks (never by the handler: setting an
+    event takes a lock the interrupted main thread may hold), so waits on it
+    also wake every :data:`SIGNAL_LATENCY` to look at the flag.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.wake = threading.Event()
+
+    def sleep(self, seconds: float) -> bool:
+        """Pause ``seconds``; False, at once, if a signal arrives meanwhile."""
+        end = time.monotonic() + seconds
+        while not self.requested and (remaining := end - time.monotonic()) > 0:
+            time.sleep(min(remaining, SIGNAL_LATENCY))
+        return not self.requested
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # A flag only: printing or locking here could re-enter what the main
+        # thread was doing when the signal arrived.
+        self.requested = True
+
+
+def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> int:
+    """Run the probe with ``argv`` (default ``sys.argv[1:]``) and return its exit code.
+
+    With ``exit_process`` the process ends as soon as the outcome is printed
+    (:func:`exit_now`), without closing the channel first: closing waits for
+    grpc's polling thread, 200 ms, as long as the rest of the probe.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.version:
+        print(f"petsage-grpc probe {__version__}")
+        return EXIT_SERVING
+    problem = dial.check(args) or _check_extras(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    dial.quiet_grpc()
+    from petsage_grpc import _probe_run
+
+    stop = Stop()
+    stop.install()
+    code = _probe_run.run(args, stop, close_channel=not exit_process)
+    if exit_process:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` at once, once stdout and stderr are flushed.
+
+    Interpreter teardown stops grpc's threads one by one (100 ms or more
+    measured); an exec probe is timed as a whole process, and the kernel
+    closes its sockets just as well.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
