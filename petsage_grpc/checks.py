@@ -107,7 +107,8 @@ async def _run_check(check: Check, call: _Call) -> CheckOutcome:
     """Run ``check`` once, turning an exception or a timeout into a failing outcome."""
     started = time.perf_counter()
     try:
-        detail = await asyncio.wait_for(call(), check.timeout) or "ok"
+        async with asyncio.timeout(check.timeout):  # unlike wait_for, no task per run
+            detail = await call() or "ok"
         ok = True
     except asyncio.CancelledError:
         raise
@@ -122,8 +123,8 @@ class CheckRunner:
     """Runs checks in the background and caches their latest outcomes.
 
     All methods run on the event loop's thread, except :meth:`trigger`,
-    which any thread may call.  ``on_change`` is called after every run
-    with the whole cache, so health statuses follow the outcomes.
+    which any thread may call.  ``on_change`` is called with the whole cache
+    whenever a check starts or stops passing, so health statuses follow.
     """
 
     def __init__(
@@ -188,7 +189,8 @@ class CheckRunner:
             level = logging.INFO if outcome.ok else logging.WARNING
             _LOGGER.log(level, "check %s is %s: %s", outcome.name,
                         "passing" if outcome.ok else "failing", outcome.detail)
-        self._on_change(self._results)
+            # Statuses follow whether checks pass, so only a change can change them.
+            self._on_change(self._results)
 
 
 def logging_check(pipeline: LogPipeline, timeout: float, interval: float) -> Check:

@@ -161,7 +161,8 @@ class LogPipeline:
             logging.getLogger(PROBE_LOGGER).info(
                 "logging probe %s", probe_id, extra={PROBE_ATTR: probe_id}
             )
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # unlike wait_for, no task per call
+                return await future
         except TimeoutError:
             raise TimeoutError(
                 f"the log writer did not confirm probe {probe_id} within {timeout:g}s"
