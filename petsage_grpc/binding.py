@@ -17,8 +17,7 @@ class BindError(RuntimeError):
 def check_bindable(address: str) -> None:
     """Fail with a precise :class:`BindError` if ``address`` cannot be listened on.
 
-    grpc reports only "Failed to bind"; a trial bind (with SO_REUSEADDR, as
-    grpc uses) tells a taken port from an unknown host or a missing permission.
+    The trial bind uses SO_REUSEADDR, as grpc does, and no SO_REUSEPORT.
     """
     if address.startswith("unix:"):
         return

@@ -82,23 +82,29 @@ class _Call:
     def __init__(self, check: Check) -> None:
         self._check = check
         self._is_async = inspect.iscoroutinefunction(check.func)
-        self._pending: concurrent.futures.Future[str | None] | None = None
+        self._pending: concurrent.futures.Future[object] | None = None
         self._pending_since = 0.0
 
-    async def __call__(self) -> str | None:
+    async def __call__(self) -> str:
         if self._is_async:
-            return await cast(Callable[[], Awaitable[str | None]], self._check.func)()
-        if self._pending is not None and not self._pending.done():
-            raise CheckFailed(f"previous run still running after {time.monotonic() - self._pending_since:.1f}s")
-        future: concurrent.futures.Future[str | None] = concurrent.futures.Future()
-        self._pending, self._pending_since = future, time.monotonic()
-        threading.Thread(target=self._run, args=(future,), name=f"check-{self._check.name}", daemon=True).start()
-        # shield: a timeout gives up waiting; it cannot stop the thread.
-        return await asyncio.shield(asyncio.wrap_future(future))
+            result = await cast(Callable[[], Awaitable[object]], self._check.func)()
+        else:
+            if self._pending is not None and not self._pending.done():
+                raise CheckFailed(f"previous run still running after {time.monotonic() - self._pending_since:.1f}s")
+            future: concurrent.futures.Future[object] = concurrent.futures.Future()
+            self._pending, self._pending_since = future, time.monotonic()
+            threading.Thread(target=self._run, args=(future,), name=f"check-{self._check.name}", daemon=True).start()
+            # shield: a timeout gives up waiting; it cannot stop the thread.
+            result = await asyncio.shield(asyncio.wrap_future(future))
+        if inspect.isawaitable(result):  # e.g. ``lambda: db.ping()`` around a coroutine function
+            result = await result
+        if result is not None and not isinstance(result, str):
+            raise CheckFailed(f"returned {type(result).__name__}; a check returns a str or None")
+        return result or "ok"
 
-    def _run(self, future: concurrent.futures.Future[str | None]) -> None:
+    def _run(self, future: concurrent.futures.Future[object]) -> None:
         try:
-            future.set_result(cast(Callable[[], str | None], self._check.func)())
+            future.set_result(cast(Callable[[], object], self._check.func)())
         except BaseException as exc:  # handed to the awaiting run, which reports it
             future.set_exception(exc)
 
@@ -108,10 +114,13 @@ async def _run_check(check: Check, call: _Call) -> CheckOutcome:
     started = time.perf_counter()
     try:
         async with asyncio.timeout(check.timeout):  # unlike wait_for, no task per run
-            detail = await call() or "ok"
+            detail = await call()
         ok = True
     except asyncio.CancelledError:
-        raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the run itself is being cancelled (the runner stops)
+        ok, detail = False, "cancelled inside the check"  # e.g. it awaited a task someone else cancelled
     except TimeoutError as exc:
         ok, detail = False, str(exc) or f"timed out after {check.timeout:g}s"
     except Exception as exc:  # a failing check is a result, not a crash
@@ -139,6 +148,7 @@ class CheckRunner:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False  # until every check has run once, outcomes are not published
 
     @property
     def results(self) -> Mapping[str, CheckOutcome]:
@@ -152,10 +162,12 @@ class CheckRunner:
         return outcome
 
     async def start(self) -> None:
-        """Run every check once (so statuses are known), then keep them running."""
+        """Run every check once, report every outcome at once, then keep them running."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self.run(name) for name in self._checks))
         self._results = {name: self._results[name] for name in self._checks}  # in the order given
+        self._started = True
+        self._on_change(self._results)  # one first publication from complete results, not one per check
         for name in self._checks:
             self._wakeups[name] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._repeat(name), name=f"check:{name}"))
@@ -180,7 +192,10 @@ class CheckRunner:
             except TimeoutError:
                 pass
             wakeup.clear()
-            await self.run(name)
+            try:
+                await self.run(name)
+            except Exception:  # an on_change bug must not stop this check for good
+                _LOGGER.exception("check %s: publishing its outcome failed", name)
 
     def _record(self, outcome: CheckOutcome) -> None:
         previous = self._results.get(outcome.name)
@@ -190,7 +205,8 @@ class CheckRunner:
             _LOGGER.log(level, "check %s is %s: %s", outcome.name,
                         "passing" if outcome.ok else "failing", outcome.detail)
             # Statuses follow whether checks pass, so only a change can change them.
-            self._on_change(self._results)
+            if self._started:
+                self._on_change(self._results)
 
 
 def logging_check(pipeline: LogPipeline, timeout: float, interval: float) -> Check:

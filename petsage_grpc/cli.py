@@ -1,7 +1,8 @@
 """The ``petsage-grpc`` command: ``serve``, ``smoke`` and ``probe``.
 
-``main(argv)`` returns the exit code and is the only place that configures
-logging or reads the environment.
+``main(argv, environ)`` returns the exit code.  It reads the environment
+(handing it to each subcommand) and leaves logging and signal handling to
+:func:`petsage_grpc.process.run`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NoReturn
 from petsage_grpc import __version__, config
 
 #: Exit code for bad flags or settings, in every subcommand (as grpc_health_probe).
-EXIT_USAGE = 1
+EXIT_USAGE = config.EXIT_BAD_SETTING
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Validate settings, then run the server until a signal."""
-    from petsage_grpc import server
+    from petsage_grpc import process, server
 
     try:
         settings = config.resolve(args, environ)
     except config.SettingError as exc:
         print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return server.run(server.PetSageServer(settings))
+    return process.run(server.PetSageServer(settings))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

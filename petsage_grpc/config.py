@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "PETSAGE_GRPC_"
+#: Exit code for a bad flag or setting, before anything starts (as grpc_health_probe's 1).
+EXIT_BAD_SETTING = 1
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # HOST:PORT with an optional [IPv6] host; grpc also takes unix:PATH.
@@ -190,7 +192,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Watch streams end and new calls are refused (let load balancers notice)", "SECONDS"),
     Setting("max_watchers", _count(1),
             "concurrent Health/Watch streams allowed; more get RESOURCE_EXHAUSTED", "N"),
-    Setting("stall_limit", _seconds(0, False),
+    # The watchdog looks every 0.05 s: a smaller limit would call ordinary jitter a stall.
+    Setting("stall_limit", _seconds(0.5, True),
             "seconds the event loop may go without running before liveness turns NOT_SERVING", "SECONDS"),
     Setting("tls_cert", _path, "serve TLS with this PEM certificate chain (with --tls-key)", "PATH"),
     Setting("tls_key", _path, "the PEM private key of --tls-cert", "PATH"),

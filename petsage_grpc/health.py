@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeAlias
 
 import grpc
@@ -61,6 +61,9 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
 
     def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
         self._loop = asyncio.get_running_loop()
+        # Written on the loop thread, except liveness, which the watchdog
+        # thread alone changes after start (set_threadsafe): that thread never
+        # adds a key, so iterating here on the loop is safe.
         self._statuses: dict[str, ServingStatus] = {}
         self._watchers: set[_Watcher] = set()
         self._max_watchers = max_watchers
@@ -174,9 +177,9 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
             self._watchers.discard(watcher)
 
 
-def statuses_from_checks(results: Mapping[str, CheckOutcome]) -> tuple[bool, str]:
-    """Whether every critical check passes, and the reason when one does not."""
-    failing = [r for r in results.values() if r.critical and not r.ok]
+def status_from(outcomes: Iterable[CheckOutcome], passing: str) -> tuple[ServingStatus, str]:
+    """SERVING with reason ``passing`` if none of ``outcomes`` fails; else NOT_SERVING and why."""
+    failing = [o for o in outcomes if not o.ok]
     if failing:
-        return False, "; ".join(f"check {r.name} failing: {r.detail}" for r in failing)
-    return True, "all critical checks pass"
+        return NOT_SERVING, "; ".join(f"check {o.name} failing: {o.detail}" for o in failing)
+    return SERVING, passing

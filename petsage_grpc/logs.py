@@ -29,7 +29,8 @@ PROBE_LOGGER = "petsage_grpc.logprobe"
 #: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
 #: the sinks, and the few start/stop lines (which name the bound port),
 #: health status changes and check transitions must stay visible.
-ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.health", "petsage_grpc.checks")
+ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.process", "petsage_grpc.workers",
+               "petsage_grpc.health", "petsage_grpc.checks")
 #: Attribute of a probe record that carries its id.
 PROBE_ATTR = "petsage_probe_id"
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"

@@ -16,6 +16,7 @@ Two things are done differently from grpcio-reflection:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -24,6 +25,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as _v1alpha_pb2
 
+_LOGGER = logging.getLogger(__name__)
 _POOL = descriptor_pool.Default()
 V1ALPHA_SERVICE = _v1alpha_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
 V1_PACKAGE = "grpc.reflection.v1"
@@ -100,9 +102,14 @@ class _Index:
         return found.file if method in found.methods_by_name else None
 
     def message(self, name: str) -> Any:
-        """The exposed message type ``name``, or None."""
+        """The exposed message type ``name``, or None (also for a service, enum or method name)."""
         file = self.file_of_symbol(name)
-        return None if file is None or file.name not in self._files else _POOL.FindMessageTypeByName(name)
+        if file is None or file.name not in self._files:
+            return None
+        try:
+            return _POOL.FindMessageTypeByName(name)
+        except KeyError:
+            return None
 
     def extension_numbers(self, message: Any) -> list[int]:
         """Extension numbers of ``message`` defined in exposed files."""
@@ -160,9 +167,19 @@ def _answer(index: _Index, version: _Version, request: Any) -> Any:
 
 
 def _handler(index: _Index, version: _Version) -> grpc.GenericRpcHandler:
+    """The ``ServerReflectionInfo`` handler of one version: one answer per request, in order."""
+
     async def server_reflection_info(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         async for request in requests:
-            yield _answer(index, version, request)
+            try:
+                yield _answer(index, version, request)
+            except Exception:  # one bad request gets an error answer; the stream goes on
+                _LOGGER.exception("reflection request failed: %s", request)
+                yield version.response(
+                    original_request=request,
+                    error_response={"error_code": grpc.StatusCode.INTERNAL.value[0],
+                                    "error_message": "internal error answering this request"},
+                )
 
     method = grpc.stream_stream_rpc_method_handler(
         server_reflection_info,

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,12 +27,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from petsage_grpc import __version__, health, logs, reflection, smoke, tls, workers
+from petsage_grpc import health, logs, reflection, smoke, tls, workers
 from petsage_grpc.binding import BindError, check_bindable
 from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
 from petsage_grpc.config import ServeSettings
 from petsage_grpc.gate import Gate, GatedRegistrar, Policy
-from petsage_grpc.sinks import FileSink, Sink, StdoutSink
 from petsage_grpc.watchdog import Watchdog, event_loop_check
 
 _LOGGER = logging.getLogger(__name__)
@@ -47,10 +43,6 @@ WORKER_OPTIONS = (("grpc.so_reuseport", 1),)
 QUIET_PERIOD = 0.2
 #: The grace handed to grpcio's stop() once our own waiting is over.
 STOP_GRACE = 0.5
-#: Exit code of :func:`run` for a setting or log file it cannot use.
-EXIT_BAD_SETTING = 1
-#: Exit code of :func:`run` when it cannot listen on its address.
-EXIT_CANNOT_LISTEN = 2
 
 #: A generated ``add_<Service>Servicer_to_server`` function.
 Register = Callable[[Any, Any], None]
@@ -66,8 +58,8 @@ class _Servicer:
 class PetSageServer:
     """A gRPC server with the PetSage health model: checks, health, smoke test, drain.
 
-    Add servicers and checks, then :func:`run` it (or ``await start()`` and
-    ``await shutdown()`` under your own loop).  Each added servicer's service
+    Add servicers and checks, then run it with :func:`petsage_grpc.process.run`
+    (or ``await start()`` and ``await shutdown()`` under your own loop).  Each added servicer's service
     gets a health status: SERVING while the checks it names pass (or, by
     default, while the server is ready), NOT_SERVING from the first signal on.
     """
@@ -144,20 +136,15 @@ class PetSageServer:
     def _publish(self, results: Mapping[str, CheckOutcome]) -> None:
         """Derive the published health statuses from the check outcomes."""
         parts = self._started()
-        ready, reason = health.statuses_from_checks(results)
-        status = health.SERVING if ready else health.NOT_SERVING
-        parts.health.set(health.OVERALL, status, reason)
-        parts.health.set(health.READINESS, status, reason)
+        ready = health.status_from((r for r in results.values() if r.critical), "all critical checks pass")
+        parts.health.set(health.OVERALL, *ready)
+        parts.health.set(health.READINESS, *ready)
         for service, names in self._service_checks.items():
             if names is None:
-                parts.health.set(service, status, reason)
-                continue
-            failing = [results[n] for n in names if n in results and not results[n].ok]
-            parts.health.set(
-                service,
-                health.NOT_SERVING if failing else health.SERVING,
-                "; ".join(f"check {r.name} failing: {r.detail}" for r in failing) or f"passing: {', '.join(names)}",
-            )
+                parts.health.set(service, *ready)
+            else:
+                own = health.status_from((results[n] for n in names if n in results), f"passing: {', '.join(names)}")
+                parts.health.set(service, *own)
 
     async def shutdown(self) -> None:
         """Drain and stop as described in the module docstring, logging each step's timing."""
@@ -250,76 +237,3 @@ class _LoopParts:
         """Called from the watchdog thread: liveness follows the event loop."""
         self.health.set_threadsafe(health.LIVENESS, health.SERVING if alive else health.NOT_SERVING, reason)
         self.runner.trigger("event_loop")
-
-
-async def serve(server: PetSageServer, pipeline: logs.LogPipeline) -> int:
-    """Run ``server`` until a signal, then shut down gracefully; return the exit code."""
-    loop = asyncio.get_running_loop()
-    _LOGGER.info("petsage-grpc %s starting (instance %s, logging to %s)",
-                 __version__, server.instance_id, ", ".join(s.name for s in pipeline.sinks))
-    signalled = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if signalled.is_set():
-            logs.stderr_line(f"petsage-grpc: second {signal.Signals(signum).name}: exiting at once")
-            os._exit(128 + signum)
-        _LOGGER.info("received %s: shutting down (drain %gs, grace %gs)",
-                     signal.Signals(signum).name, server.settings.drain, server.settings.grace)
-        signalled.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await server.start(pipeline)
-        await signalled.wait()
-        await server.shutdown()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-    return 0
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop event loop where uvloop is installed, else asyncio's own.
-
-    uvloop answers about a fifth more health checks per second on one core;
-    every behaviour the server relies on is the same on both.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
-    """Run ``server`` as the whole program and return its exit code.
-
-    Sets up logging from the server's settings (stdout, plus ``log_file``),
-    serves until SIGTERM/SIGINT, and turns a log file or TLS file it cannot
-    use (:data:`EXIT_BAD_SETTING`) or an address it cannot listen on
-    (:data:`EXIT_CANNOT_LISTEN`) into one line on stderr, prefixed ``prog``.
-    """
-    settings = server.settings
-    sinks: list[Sink] = [StdoutSink()]
-    if settings.log_file is not None:
-        try:
-            sinks.append(FileSink(settings.log_file))
-        except OSError as exc:
-            print(f"{prog}: error: cannot open --log-file {settings.log_file!r}: {exc.strerror}", file=sys.stderr)
-            return EXIT_BAD_SETTING
-    pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
-    try:
-        if settings.workers > 1 and server.worker is None:
-            return workers.supervise(settings.address, settings.workers)
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(server, pipeline))
-    except tls.TLSError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except BindError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_LISTEN
-    finally:
-        pipeline.close()

@@ -68,11 +68,13 @@ class Watchdog:
         self._thread.start()
 
     async def stop(self) -> None:
-        """Stop the thread and the ticker."""
+        """Stop the ticker and the thread (which ends within one tick)."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 1.0)
 
     async def _tick(self) -> None:
         while True:

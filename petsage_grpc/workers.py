@@ -29,13 +29,15 @@ from types import FrameType
 
 from petsage_grpc.binding import BindError, check_bindable
 
-_LOGGER = logging.getLogger("petsage_grpc.server")  # kept at INFO: these are lifecycle lines
+_LOGGER = logging.getLogger(__name__)
 #: In a worker: "I/N", its number and the number of workers.
 WORKER_ENV = "PETSAGE_GRPC_WORKER"
 #: In a worker: the address the supervisor reserved (port 0 resolved).
 ADDRESS_ENV = "PETSAGE_GRPC_WORKER_ADDRESS"
 #: In a worker: the file descriptor on which it reports that it serves.
 READY_FD_ENV = "PETSAGE_GRPC_WORKER_READY_FD"
+#: In a worker: the file descriptor that reads EOF when the supervisor is gone.
+LIFELINE_FD_ENV = "PETSAGE_GRPC_WORKER_LIFELINE_FD"
 #: How long every worker gets to start serving.
 START_TIMEOUT = 60.0
 
@@ -47,6 +49,7 @@ class Worker:
     name: str  # "I/N"
     address: str
     ready_fd: int
+    lifeline_fd: int  # reads EOF once the supervisor has exited
 
     def report_ready(self) -> None:
         """Tell the supervisor this worker serves (once)."""
@@ -59,7 +62,7 @@ def current() -> Worker | None:
     name = os.environ.get(WORKER_ENV)
     if name is None:
         return None
-    return Worker(name, os.environ[ADDRESS_ENV], int(os.environ[READY_FD_ENV]))
+    return Worker(name, os.environ[ADDRESS_ENV], int(os.environ[READY_FD_ENV]), int(os.environ[LIFELINE_FD_ENV]))
 
 
 def reserve(address: str) -> tuple[socket.socket, str]:
@@ -95,82 +98,95 @@ def supervise(address: str, count: int) -> int:
 
 
 class _Supervisor:
-    """Starts the workers, forwards signals to them and collects their exit codes."""
+    """Starts the workers, forwards signals to them and collects their exit codes.
+
+    The signal handler only records and forwards: logging from it could
+    deadlock on the log queue's lock if the signal lands inside a log call.
+    """
 
     def __init__(self, address: str, count: int) -> None:
         self.address = address
         self.count = count
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
+        self.signals: list[int] = []  # received, not yet logged
+        self.forwarded: set[int] = set()  # signals sent to the workers
 
     def run(self) -> int:
-        read_end, write_end = os.pipe()
+        """Start the workers and watch them until all have exited; return the worst exit code."""
+        ready_read, ready_write = os.pipe()
+        # The workers hold the read end of the lifeline; when the supervisor
+        # dies, even by SIGKILL, they read EOF and shut down on their own.
+        lifeline_read, lifeline_write = os.pipe()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for number in range(1, self.count + 1):
                 self.children.append(subprocess.Popen(
                     [sys.executable, *sys.orig_argv[1:]],
                     env={**os.environ, WORKER_ENV: f"{number}/{self.count}", ADDRESS_ENV: self.address,
-                         READY_FD_ENV: str(write_end)},
-                    pass_fds=(write_end,),
+                         READY_FD_ENV: str(ready_write), LIFELINE_FD_ENV: str(lifeline_read)},
+                    pass_fds=(ready_write, lifeline_read),
                     start_new_session=True,  # Ctrl-C reaches the supervisor only, which forwards it
                 ))
-            os.close(write_end)
-            write_end = -1
-            if self._wait_ready(read_end):
-                _LOGGER.info("serving on %s with %d workers (pids %s)", self.address, self.count,
-                             ", ".join(str(c.pid) for c in self.children))
-            else:
-                self._stop(signal.SIGTERM)
-            return self._wait_all()
+            os.close(ready_write)
+            os.close(lifeline_read)
+            return self._watch(ready_read)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            for fd in (read_end, write_end):
-                if fd >= 0:
+            for fd in (ready_read, ready_write, lifeline_read, lifeline_write):
+                try:
                     os.close(fd)
+                except OSError:  # closed above already
+                    pass
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if not self.stopping:
-            _LOGGER.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
+        self.signals.append(signum)
         self._stop(signum)
 
     def _stop(self, signum: int) -> None:
         """Send ``signum`` to every live worker (a second one makes each exit at once)."""
         self.stopping = True
+        self.forwarded.add(signum)
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    def _wait_ready(self, read_end: int) -> bool:
-        """Wait until every worker reports serving; False if one exits or time runs out first."""
+    def _watch(self, ready_read: int) -> int:
+        """Announce when every worker serves; stop all when one exits on its own; return the worst code."""
         deadline = time.monotonic() + START_TIMEOUT
-        ready = 0
-        while ready < self.count and not self.stopping:
+        ready, reading = 0, True
+        while True:
+            for signum in self.signals[:]:
+                self.signals.remove(signum)
+                _LOGGER.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
             exited = [c for c in self.children if c.poll() is not None]
-            if exited:
-                _LOGGER.error("worker pid %d exited with %d before serving", exited[0].pid, exited[0].returncode)
-                return False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                _LOGGER.error("only %d of %d workers serve after %gs", ready, self.count, START_TIMEOUT)
-                return False
-            if select.select([read_end], [], [], min(remaining, 0.1))[0]:
-                ready += len(os.read(read_end, self.count))
-        return ready == self.count
-
-    def _wait_all(self) -> int:
-        """Wait for every worker; one that exits on its own stops the others.  Return the worst code."""
-        codes = []
-        for _ in self.children:
-            pid, status = os.wait()  # retried by Python when a signal interrupts it
-            code = os.waitstatus_to_exitcode(status)
-            codes.append(128 - code if code < 0 else code)  # killed by signal N: 128+N, as a shell says
-            if not self.stopping:
-                _LOGGER.error("worker pid %d exited with %d; stopping the others", pid, codes[-1])
+            if len(exited) == self.count:
+                break
+            if exited and not self.stopping:
+                _LOGGER.error("worker pid %d exited with %d%s; stopping the others", exited[0].pid,
+                              _shell_code(exited[0].returncode), "" if ready == self.count else " before serving")
                 self._stop(signal.SIGTERM)
-        for child in self.children:
-            child.returncode = 0  # reaped above: keep Popen from waiting again
-        worst = max(codes, default=1)
+            elif ready < self.count and not self.stopping and time.monotonic() > deadline:
+                _LOGGER.error("only %d of %d workers serve after %gs; stopping", ready, self.count, START_TIMEOUT)
+                self._stop(signal.SIGTERM)
+            if reading and select.select([ready_read], [], [], 0.1)[0]:
+                data = os.read(ready_read, self.count)
+                reading = bool(data)  # EOF: every worker has exited or reported
+                ready += len(data)
+                if ready == self.count:
+                    _LOGGER.info("serving on %s with %d workers (pids %s)", self.address, self.count,
+                                 ", ".join(str(c.pid) for c in self.children))
+            elif not reading:
+                time.sleep(0.1)
+        # A worker still starting dies of a forwarded signal before it can handle it: a clean stop too.
+        worst = max(0 if c.returncode is not None and -c.returncode in self.forwarded else _shell_code(c.returncode)
+                    for c in self.children)
         _LOGGER.info("all %d workers stopped; exit code %d", self.count, worst)
         return worst
+
+
+def _shell_code(returncode: int | None) -> int:
+    """A worker's exit code as a shell reports it: 128+N when killed by signal N."""
+    assert returncode is not None
+    return 128 - returncode if returncode < 0 else returncode

@@ -6,8 +6,12 @@
 
 - ``database`` (critical, async) and ``cache`` (non-critical, async): the
   file says ``ok``, ``raise <message>``, ``hang`` (await for ever: the check
-  times out) or ``block <seconds>`` (sleep on the event loop itself, the
-  classic blocking call in async code that stalls the whole server).
+  times out), ``block <seconds>`` (sleep on the event loop itself, the
+  classic blocking call in async code that stalls the whole server),
+  ``cancelled`` (await a task something else cancelled) or ``number``
+  (return 42 instead of a str).
+- ``wrapped`` (non-critical): the same commands, through a plain lambda that
+  returns the coroutine (``lambda: ping()``).
 - ``legacy`` (non-critical, a plain function, so it runs on a thread): ``ok``,
   ``raise <message>`` or ``hang`` (never returns).
 - ``publisher`` (non-critical): publishes a SERVING status for every name
@@ -28,7 +32,8 @@ from pathlib import Path
 
 from petsage_grpc import config
 from petsage_grpc.checks import Check, CheckFailed
-from petsage_grpc.server import PetSageServer, run
+from petsage_grpc.process import run
+from petsage_grpc.server import PetSageServer
 
 #: How often the steered checks run, and how long each may take.
 INTERVAL = 0.1
@@ -54,8 +59,16 @@ def _async_check(control: Path, name: str) -> Check:
         if verb == "block":
             (control / name).write_text("ok")  # block once, not on every run
             time.sleep(float(rest))
+        if verb == "cancelled":
+            other = asyncio.ensure_future(asyncio.sleep(10))
+            other.cancel()
+            await other
+        if verb == "number":
+            return 42  # type: ignore[return-value]
         return f"{name} answers"
 
+    if name == "wrapped":
+        return Check(name, lambda: steered(), interval=INTERVAL, timeout=TIMEOUT, critical=False)
     return Check(name, steered, interval=INTERVAL, timeout=TIMEOUT, critical=name == "database")
 
 
@@ -74,7 +87,7 @@ def _sync_check(control: Path, name: str) -> Check:
 def build(control: Path, settings: config.ServeSettings) -> PetSageServer:
     """The server with the steered checks added."""
     server = PetSageServer(settings)
-    for name in ("database", "cache"):
+    for name in ("database", "cache", "wrapped"):
         server.add_check(_async_check(control, name))
     server.add_check(_sync_check(control, "legacy"))
     published: set[str] = set()

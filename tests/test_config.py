@@ -33,7 +33,7 @@ Start = Callable[..., ServerProcess]
         (["--drain", "-2"], {}, "invalid --drain='-2': should be ≥ 0 seconds"),
         (["--max-watchers", "0"], {}, "invalid --max-watchers='0': should be ≥ 1"),
         (["--max-watchers", "lots"], {}, "invalid --max-watchers='lots': expected a whole number"),
-        (["--stall-limit", "0"], {}, "invalid --stall-limit='0': should be > 0 seconds"),
+        (["--stall-limit", "0.1"], {}, "invalid --stall-limit='0.1': should be ≥ 0.5 seconds"),
         ([], {"PETSAGE_GRPC_REFLECTION": "maybe"}, "invalid PETSAGE_GRPC_REFLECTION='maybe': expected true or false"),
         (["--tls-key", "/k.pem"], {}, "--tls-cert and --tls-key go together: give both to serve TLS"),
         (["--tls-client-ca", "/ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
@@ -133,7 +133,7 @@ def test_readme_embedding_example_imports_what_exists() -> None:
     example = README.read_text().split("## Embedding")[1].split("```python")[1].split("```")[0]
     imports = re.findall(r"^from (petsage_grpc[.\w]*) import (.+)$", example, re.MULTILINE)
 
-    assert len(imports) == 3
+    assert len(imports) == 4
     for module_name, names in imports:
         module = importlib.import_module(module_name)
         for name in names.split(", "):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -67,11 +68,21 @@ def test_checks_of_an_embedding_service_appear_in_order_and_pass(app: App) -> No
     response = app.server.smoke()
 
     assert [(c.name, c.critical) for c in response.checks] == [
-        ("logging", True), ("event_loop", True), ("database", True), ("cache", False),
+        ("logging", True), ("event_loop", True), ("database", True), ("cache", False), ("wrapped", False),
         ("legacy", False), ("publisher", False),
     ]
     assert response.status == smoke_pb2.STATUS_OK
     assert app.check_result("legacy").detail == "legacy answers"
+    assert app.check_result("wrapped").detail == "wrapped answers"  # a lambda returning a coroutine is awaited
+
+
+def test_statuses_are_published_once_every_check_has_run(app: App) -> None:
+    lines = app.server.stdout.lines
+    first_status = next(i for i, line in enumerate(lines) if "health status of 'readiness'" in line)
+    passing = [i for i, line in enumerate(lines) if " is passing: " in line]
+
+    assert len(passing) == 7 and max(passing) < first_status
+    assert "UNKNOWN -> SERVING" in lines[first_status]
 
 
 def test_health_check_stays_fast_while_checks_hang(app: App) -> None:
@@ -110,10 +121,18 @@ def test_failing_critical_check_turns_readiness_not_serving_and_back(app: App, c
     watch.cancel()
 
 
-@pytest.mark.parametrize("check", ["cache", "legacy"])
-def test_failing_non_critical_check_degrades_smoke_test_but_not_readiness(app: App, check: str) -> None:
-    app.steer(check, "raise quota exceeded")
-    app.server.stdout.wait_for(f"check {check} is failing: quota exceeded")
+@pytest.mark.parametrize(
+    ("check", "command", "detail"),
+    [("cache", "raise quota exceeded", "quota exceeded"), ("legacy", "raise quota exceeded", "quota exceeded"),
+     ("wrapped", "raise quota exceeded", "quota exceeded"),
+     ("cache", "cancelled", "cancelled inside the check"),
+     ("cache", "number", "returned int; a check returns a str or None")],
+)
+def test_failing_non_critical_check_degrades_smoke_test_but_not_readiness(
+    app: App, check: str, command: str, detail: str
+) -> None:
+    app.steer(check, command)
+    app.server.stdout.wait_for(f"check {check} is failing: {re.escape(detail)}")
 
     response = app.server.smoke()
     assert response.status == smoke_pb2.STATUS_DEGRADED

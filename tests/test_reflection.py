@@ -110,3 +110,24 @@ def test_no_reflection_leaves_both_versions_unimplemented(
         ask(server, version, list_services="")
 
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_one_stream_answers_every_request_in_order_even_after_an_error(server: ServerProcess, version: str) -> None:
+    messages, services = VERSIONS[version]
+    stub = services.ServerReflectionStub(server.channel())
+    requests = [
+        messages.ServerReflectionRequest(all_extension_numbers_of_type="petsage.smoke.v1.SmokeTestService"),
+        messages.ServerReflectionRequest(
+            file_containing_extension={"containing_type": "petsage.smoke.v1.Status", "extension_number": 1}
+        ),
+        messages.ServerReflectionRequest(list_services=""),
+    ]
+
+    answers = list(stub.ServerReflectionInfo(iter(requests), timeout=RPC_TIMEOUT))
+
+    assert [a.WhichOneof("message_response") for a in answers] == [
+        "error_response", "error_response", "list_services_response"
+    ]
+    assert [a.error_response.error_code for a in answers[:2]] == [NOT_FOUND, NOT_FOUND]
+    assert [a.original_request for a in answers] == requests

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from tests.support import RPC_TIMEOUT, ServerProcess, run_cli
+from tests.support import PROCESS_TIMEOUT, RPC_TIMEOUT, ServerProcess, run_cli
 
 Start = Callable[..., ServerProcess]
 
@@ -64,3 +66,51 @@ def test_workers_on_a_taken_port_fail_with_one_line() -> None:
     assert done.stderr.splitlines() == [
         f"petsage-grpc serve: error: cannot listen on {address}: the port is already in use"
     ]
+
+
+def test_sigterm_while_workers_start_stops_cleanly(start_server: Start) -> None:
+    server = start_server("--workers", "2", wait=False)
+    server.stdout.wait_for("petsage-grpc 0.1.0 starting")  # a worker is on its way up
+
+    server.signal(signal.SIGTERM)
+
+    assert server.wait() == 0
+    server.stdout.wait_for("received SIGTERM: stopping 2 worker")
+    server.stdout.wait_for("all 2 workers stopped; exit code 0")
+    assert "Traceback" not in server.stdout.text() + server.stderr.text()
+
+
+def test_workers_with_unreadable_tls_files_stop_before_any_worker_starts(tmp_path: Path) -> None:
+    done = run_cli("serve", "--workers", "2", "--address", "127.0.0.1:0",
+                   "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "nope.key"))
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"petsage-grpc serve: error: cannot read --tls-cert '{tmp_path / 'nope.pem'}': No such file or directory"
+    ]
+    assert "starting" not in done.stdout
+
+
+def test_workers_shut_down_when_the_supervisor_is_killed(start_server: Start) -> None:
+    server = start_server("--workers", "2")
+    pids = [int(p) for p in server.stdout.wait_for(r"with 2 workers \(pids (\d+), (\d+)\)").groups()]
+
+    server.process.kill()  # no chance to forward anything
+    server.wait()
+
+    server.stdout.wait_for("the supervising process has gone: shutting down")
+    for _ in range(2):
+        server.stdout.wait_for("stopped after", start=server.stdout.lines.index(
+            server.stdout.wait_for("the supervising process has gone").string))
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while any(_alive(pid) for pid in pids):  # the orphans are reaped by init, not by us
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" not in status.read()
+    except FileNotFoundError:
+        return False
