@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
+from petsage_grpc import logs
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
 from tests.support import (
     SERVING_LINE,
@@ -171,7 +172,6 @@ def test_strict_log_level_still_writes_the_probe(start_server: Start) -> None:
 
     assert response.status == smoke_pb2.STATUS_OK
     server.stdout.wait_for(response.checks[0].detail.split()[1])
-    always = ("logprobe", "server", "health", "checks")
     info = [line for line in server.stdout.lines if " - INFO - " in line]
-    assert info and all(any(f" - petsage_grpc.{name} - " in line for name in always) for line in info)
+    assert info and all(any(f" - {name} - " in line for name in logs.ALWAYS_INFO) for line in info)
     assert any(" - petsage_grpc.health - INFO - health status of 'readiness'" in line for line in info)
