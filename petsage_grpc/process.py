@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 
-from petsage_grpc import __version__, logs, tls, workers
+from petsage_grpc import __version__, logs, workers
 from petsage_grpc.binding import BindError
-from petsage_grpc.config import EXIT_BAD_SETTING
-from petsage_grpc.server import PetSageServer
+from petsage_grpc.config import EXIT_BAD_SETTING, SettingError
+from petsage_grpc.server import PetSageServer, load_credentials
 from petsage_grpc.sinks import FileSink, Sink, StdoutSink
 
 _LOGGER = logging.getLogger(__name__)
@@ -87,12 +87,11 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     settings = server.settings
     sinks: list[Sink] = [StdoutSink()]
     try:
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            # Checked here too, so that bad files stop a supervisor before any worker starts.
-            tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert is not None:
+            load_credentials(settings)  # here too, so that bad files stop a supervisor before any worker starts
         if settings.log_file is not None:
             sinks.append(FileSink(settings.log_file))
-    except tls.TLSError as exc:
+    except SettingError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
     except OSError as exc:
@@ -104,7 +103,7 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
             return workers.supervise(settings.address, settings.workers)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(serve(server, pipeline))
-    except tls.TLSError as exc:
+    except SettingError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
     except BindError as exc:

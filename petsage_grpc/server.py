@@ -27,10 +27,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from petsage_grpc import health, logs, reflection, smoke, tls, workers
+from petsage_grpc import health, logs, reflection, smoke, workers
 from petsage_grpc.binding import BindError, check_bindable
 from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
-from petsage_grpc.config import ServeSettings
+from petsage_grpc.config import ServeSettings, SettingError
 from petsage_grpc.gate import Gate, GatedRegistrar, Policy
 from petsage_grpc.watchdog import Watchdog, event_loop_check
 
@@ -53,6 +53,17 @@ class _Servicer:
     register: Register
     servicer: object
     checks: tuple[str, ...] | None  # its status follows these checks, or readiness if None
+
+
+def load_credentials(settings: ServeSettings) -> grpc.ServerCredentials:
+    """The server's TLS credentials; an unusable file raises :class:`SettingError` naming it."""
+    from petsage_grpc import tls  # only TLS servers pay for importing ssl
+
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    try:
+        return tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except tls.TLSError as exc:
+        raise SettingError(str(exc)) from None
 
 
 class PetSageServer:
@@ -116,7 +127,7 @@ class PetSageServer:
         settings = self.settings
         credentials = None
         if settings.tls_cert is not None and settings.tls_key is not None:
-            credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            credentials = load_credentials(settings)
         if self.worker is None:  # a worker's port is shared with its siblings on purpose
             check_bindable(settings.address)
         parts = self._loop_parts = _LoopParts(self, pipeline)

@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 #: Streams per channel: one HTTP/2 connection carries this many.
-PER_CHANNEL = 100
+PER_CHANNEL = 1000
+#: Streams opened at once: a burst of thousands of new calls gets some CANCELLED by grpc.
+OPEN_BATCH = 500
 #: Deadline of every stream.
 STREAM_TIMEOUT = 60.0
 
@@ -48,15 +50,23 @@ class Crowd:
 @asynccontextmanager
 async def watching(address: str, service: str, count: int) -> AsyncIterator[Crowd]:
     """Open ``count`` Watch streams on ``service``; every stream has its first answer on entry."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(-(-count // PER_CHANNEL))]
+    # A local subchannel pool per channel: otherwise every channel shares one connection.
+    channels = [
+        grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
+        for _ in range(-(-count // PER_CHANNEL))
+    ]
     try:
-        calls = [
-            health_pb2_grpc.HealthStub(channels[i // PER_CHANNEL]).Watch(
-                health_pb2.HealthCheckRequest(service=service), timeout=STREAM_TIMEOUT
-            )
-            for i in range(count)
-        ]
-        firsts = await asyncio.gather(*(call.read() for call in calls))
+        calls: list[grpc.aio.UnaryStreamCall] = []
+        firsts = []
+        for start in range(0, count, OPEN_BATCH):
+            batch = [
+                health_pb2_grpc.HealthStub(channels[i // PER_CHANNEL]).Watch(
+                    health_pb2.HealthCheckRequest(service=service), timeout=STREAM_TIMEOUT
+                )
+                for i in range(start, min(count, start + OPEN_BATCH))
+            ]
+            firsts += await asyncio.gather(*(call.read() for call in batch))
+            calls += batch
         yield Crowd(calls, [int(answer.status) for answer in firsts])
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
