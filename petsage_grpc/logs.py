@@ -109,7 +109,8 @@ class LogPipeline:
         self.sinks = tuple(sinks)
         self._formatter = formatter
         self._queue: queue.Queue[object] = queue.Queue(QUEUE_SIZE)
-        self._waiters: dict[str, Callable[[Delivery], None]] = {}
+        # Probe id -> the loop and future of the confirm() waiting for it.
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Delivery]]] = {}
         self._failure_listeners: list[Callable[[], None]] = []
         # Records lost: to a full queue (any thread, under the lock) and to
         # failed sink writes (counted per sink, by the writer thread only).
@@ -130,7 +131,7 @@ class LogPipeline:
                 self._dropped_queue += 1
             probe_id = getattr(record, PROBE_ATTR, None)
             if probe_id is not None:
-                self._resolve(probe_id, {"queue": f"log queue full ({QUEUE_SIZE} records waiting)"})
+                self._resolve([probe_id], {"queue": f"log queue full ({QUEUE_SIZE} records waiting)"})
 
     @property
     def dropped(self) -> int:
@@ -152,12 +153,7 @@ class LogPipeline:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Delivery] = loop.create_future()
         probe_id = uuid.uuid4().hex
-
-        def deliver(result: Delivery) -> None:  # runs in the writer thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_set_if_pending, future, result)
-
-        self._waiters[probe_id] = deliver
+        self._waiters[probe_id] = (loop, future)
         try:
             logging.getLogger(PROBE_LOGGER).info(
                 "logging probe %s", probe_id, extra={PROBE_ATTR: probe_id}
@@ -222,10 +218,9 @@ class LogPipeline:
                     listener()
                 except Exception as exc:
                     stderr_line(f"petsage-grpc: log failure listener error: {exc!r}")
-        for record in records:
-            probe_id = getattr(record, PROBE_ATTR, None)
-            if probe_id is not None:
-                self._resolve(probe_id, errors)
+        probes = [getattr(record, PROBE_ATTR) for record in records if hasattr(record, PROBE_ATTR)]
+        if probes:
+            self._resolve(probes, errors)
 
     def _format(self, record: logging.LogRecord) -> str:
         try:
@@ -233,15 +228,26 @@ class LogPipeline:
         except Exception as exc:  # a bad record must not kill the writer
             return f"{time.time():.6f} - unformattable log record from {record.name}: {exc!r}"
 
-    def _resolve(self, probe_id: str, errors: dict[str, str]) -> None:
-        waiter = self._waiters.get(probe_id)
-        if waiter is not None:
-            waiter(Delivery(probe_id, tuple(s.name for s in self.sinks), dict(errors)))
+    def _resolve(self, probe_ids: list[str], errors: dict[str, str]) -> None:
+        """Hand each probe's delivery to its waiter: one wake-up per event loop, not per probe."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Delivery], Delivery]]] = {}
+        sinks = tuple(s.name for s in self.sinks)
+        for probe_id in probe_ids:
+            waiter = self._waiters.get(probe_id)
+            if waiter is not None:
+                loop, future = waiter
+                by_loop.setdefault(loop, []).append((future, Delivery(probe_id, sinks, dict(errors))))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                pass
 
 
-def _set_if_pending(future: asyncio.Future[Delivery], result: Delivery) -> None:
-    if not future.done():
-        future.set_result(result)
+def _deliver(deliveries: list[tuple[asyncio.Future[Delivery], Delivery]]) -> None:
+    for future, delivery in deliveries:
+        if not future.done():  # a waiter that timed out has gone
+            future.set_result(delivery)
 
 
 def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline:
