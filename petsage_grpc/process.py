@@ -85,20 +85,17 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     ``prog``.
     """
     settings = server.settings
-    sinks: list[Sink] = [StdoutSink()]
+    pipeline: logs.LogPipeline | None = None
     try:
         if settings.tls_cert is not None:
             load_credentials(settings)  # here too, so that bad files stop a supervisor before any worker starts
+        sinks: list[Sink] = [StdoutSink()]
         if settings.log_file is not None:
-            sinks.append(FileSink(settings.log_file))
-    except SettingError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except OSError as exc:
-        print(f"{prog}: error: cannot open --log-file {settings.log_file!r}: {exc.strerror}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
-    try:
+            try:
+                sinks.append(FileSink(settings.log_file))
+            except OSError as exc:
+                raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
+        pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
         if settings.workers > 1 and server.worker is None:
             return workers.supervise(settings.address, settings.workers)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -110,4 +107,5 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     finally:
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
