@@ -148,14 +148,23 @@ def table(labels: tuple[str, str], project: Values, baseline: Values, ratio: dic
             f"{_number(baseline.get(figure.key), figure.digits)} | {ratio_text} | "
             f"{target['target'] if target else ''} | {('yes' if target['met'] else 'no') if target else ''} |"
         )
-    lines.append(workers_row(workers))
+    lines.extend(workers_rows(workers, project.get("check_rps")))
     return "\n".join(lines)
 
 
-def workers_row(workers: Workers) -> str:
-    """The ``serve --workers 2`` row: two workers against one, both with every core."""
+def workers_rows(workers: Workers, one_core: float | None) -> list[str]:
+    """The ``serve --workers 2`` rows: against one worker with every core, and with one core.
+
+    One worker given both cores already uses the second for grpc's poller
+    thread, so the second row (the one-core Check figure above) shows what
+    the second process adds.
+    """
     label = "`serve --workers 2` Check req/s (both cores)"
     if not workers.available:
-        return f"| {label} | {workers.reason} | – | – | ≥ 1.7× one worker | |"
-    return (f"| {label} | {workers.two:,.0f} | 1 worker: {workers.one:,.0f} | {workers.ratio:.2f}× | "
-            f"≥ 1.7× one worker | {'yes' if workers.ratio >= 1.7 else 'no'} |")
+        return [f"| {label} | {workers.reason} | – | – | ≥ 1.7× one worker | |"]
+    rows = [f"| {label} | {workers.two:,.0f} | 1 worker: {workers.one:,.0f} | {workers.ratio:.2f}× | "
+            f"≥ 1.7× one worker | {'yes' if workers.ratio >= 1.7 else 'no'} |"]
+    if one_core:
+        rows.append(f"| `serve --workers 2` against 1 worker on one core | {workers.two:,.0f} | "
+                    f"1 worker, 1 core: {one_core:,.0f} | {workers.two / one_core:.2f}× |  |  |")
+    return rows
