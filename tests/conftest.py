@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.support import ServerProcess
@@ -29,3 +31,13 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     """A server with default settings on a free loopback port."""
     return start_server()
+
+
+@pytest.fixture
+def bare_server() -> Iterator[str]:
+    """A real gRPC server that serves nothing at all."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)

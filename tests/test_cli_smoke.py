@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 
-import grpc
 import pytest
 
 from tests.support import ServerProcess, run_cli, stall, start_on_small_pipe
@@ -71,16 +69,6 @@ def test_smoke_deadline_exceeded_exits_3(start_server: Start) -> None:
     assert done.stderr.splitlines() == [
         f"petsage-grpc smoke: deadline exceeded: no answer from {server.address} within 0.5s"
     ]
-
-
-@pytest.fixture
-def bare_server() -> Iterator[str]:
-    """A real gRPC server that serves nothing at all."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
 
 
 def test_smoke_rpc_error_exits_3(bare_server: str) -> None:

@@ -104,16 +104,6 @@ def test_nothing_listening_exits_2_after_the_connect_timeout(refused_address: st
     assert done.stderr.splitlines() == [f'timeout: failed to connect service "{refused_address}" within 300ms']
 
 
-@pytest.fixture
-def bare_server() -> Iterator[str]:
-    """A real gRPC server that serves nothing at all."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(None)
-
-
 def test_server_without_health_exits_3(bare_server: str) -> None:
     done = probe("-addr", bare_server)
 
