@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 
 class BindError(RuntimeError):
@@ -31,18 +32,27 @@ def check_bindable(address: str) -> None:
         raise BindError(f"cannot listen on {address}: cannot resolve {host!r} ({exc.strerror})") from None
     for family, kind, proto, _, sockaddr in infos:
         try:
-            probe = socket.socket(family, kind, proto)
-        except OSError:  # e.g. IPv6 disabled: grpc falls back to what works
-            continue
-        with probe:
-            try:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise BindError(f"cannot listen on {address}: the port is already in use") from None
-                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
-                    continue
-                raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
+            bind_socket(family, kind, proto, sockaddr, socket.SO_REUSEADDR).close()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise BindError(f"cannot listen on {address}: the port is already in use") from None
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
+                continue  # e.g. IPv6 disabled: grpc falls back to what works
+            raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
+
+
+def bind_socket(family: int, kind: int, proto: int, sockaddr: tuple[Any, ...], reuse: int) -> socket.socket:
+    """A socket bound to ``sockaddr`` with ``reuse`` (SO_REUSEADDR or SO_REUSEPORT) set.
+
+    IPv6 sockets are dual-stack, as grpc binds them.  Raises ``OSError``.
+    """
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock

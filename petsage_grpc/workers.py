@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from petsage_grpc.binding import BindError, check_bindable
+from petsage_grpc.binding import BindError, bind_socket, check_bindable
 
 _LOGGER = logging.getLogger(__name__)
 #: In a worker: "I/N", its number and the number of workers.
@@ -76,14 +76,9 @@ def reserve(address: str) -> tuple[socket.socket, str]:
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
+        sock = bind_socket(family, kind, proto, sockaddr, socket.SO_REUSEPORT)
     except OSError as exc:
-        sock.close()
         raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
     return sock, f"{host}:{sock.getsockname()[1]}"
 
