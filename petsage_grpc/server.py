@@ -39,6 +39,10 @@ _LOGGER = logging.getLogger(__name__)
 # (workers of one ``serve --workers N`` excepted: they share it on purpose).
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 WORKER_OPTIONS = (("grpc.so_reuseport", 1),)
+#: Calls grpc may hold before the loop takes them, beyond the watcher cap.  grpc's
+#: default (1,000) answers CANCELLED to the rest of a burst, such as every
+#: watcher reconnecting at once after a restart.
+PENDING_HEADROOM = 1_000
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
 QUIET_PERIOD = 0.2
 #: The grace handed to grpcio's stop() once our own waiting is over.
@@ -204,7 +208,12 @@ class _LoopParts:
         ]
         self.runner = CheckRunner(checks, on_change=owner._publish)
         pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS if owner.worker is None else WORKER_OPTIONS)
+        pending = settings.max_watchers + PENDING_HEADROOM
+        self.server = grpc.aio.server(options=(
+            *(SERVER_OPTIONS if owner.worker is None else WORKER_OPTIONS),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending),
+        ))
         smoke_servicer = smoke.SmokeTestServicer(self.runner, owner.instance_id, datetime.now(UTC))
         served = [_Servicer(smoke.add_to_server, smoke_servicer, ("logging",)), *owner._servicers]
         known = {check.name for check in checks}

@@ -194,6 +194,15 @@ def test_thousand_watchers_all_see_a_change(app: App) -> None:
     assert asyncio.run(scenario()) == [NOT_SERVING] * 1000
 
 
+def test_burst_of_three_thousand_watchers_is_admitted_at_once(server: ServerProcess) -> None:
+    async def scenario() -> list[int]:
+        # Every watcher of a fleet reconnecting together: grpc's own default would cancel most of them.
+        async with watching(server.address, "readiness", 3000, batch=3000) as crowd:
+            return crowd.first
+
+    assert asyncio.run(scenario()) == [SERVING] * 3000
+
+
 def _open_until_admitted(address: str, count: int, expect: int, timeout: float = 20) -> None:
     """Open ``count`` more watchers, retrying refusals while the server releases old ones."""
 
