@@ -144,6 +144,8 @@ class CheckRunner:
             raise ValueError("check names should be unique")
         self._calls = {check.name: _Call(check) for check in checks}
         self._on_change = on_change
+        #: Called with every outcome, on the event loop's thread (e.g. to export metrics).
+        self.outcome_listeners: list[Callable[[CheckOutcome], None]] = []
         self._results: dict[str, CheckOutcome] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -200,6 +202,8 @@ class CheckRunner:
     def _record(self, outcome: CheckOutcome) -> None:
         previous = self._results.get(outcome.name)
         self._results[outcome.name] = outcome
+        for listener in self.outcome_listeners:
+            listener(outcome)
         if previous is None or previous.ok != outcome.ok:
             level = logging.INFO if outcome.ok else logging.WARNING
             _LOGGER.log(level, "check %s is %s: %s", outcome.name,

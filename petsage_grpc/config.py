@@ -20,6 +20,11 @@ ENV_PREFIX = "PETSAGE_GRPC_"
 EXIT_BAD_SETTING = 1
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SMOKE_DETAILS = ("full", "status")
+#: Seconds an unanswered keepalive ping may wait before its connection is closed.
+KEEPALIVE_TIMEOUT = 20.0
+#: Keepalive pings a client may send too soon before its connection is closed.
+PING_STRIKES = 2
 # HOST:PORT with an optional [IPv6] host; grpc also takes unix:PATH.
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
 
@@ -82,6 +87,13 @@ def _choice(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
     return parse
 
 
+def _tcp_address(value: str) -> str:
+    """Accept ``HOST:PORT`` only (an HTTP listener takes no unix:PATH)."""
+    if value.startswith("unix:"):
+        raise ValueError("expected HOST:PORT (e.g. [::]:9090 or 127.0.0.1:0)")
+    return parse_address(value)
+
+
 def _switch(value: str) -> bool:
     """Accept true/false, yes/no, on/off or 1/0, in any case."""
     folded = value.strip().lower()
@@ -106,7 +118,7 @@ class Setting:
     name: str
     parse: Callable[[str], Any]
     help: str
-    metavar: str | None  # None: an on/off setting whose flag, --no-NAME, takes no value
+    metavar: str | None  # None: an on/off setting whose flag (--NAME or --no-NAME) takes no value
 
     @property
     def default(self) -> Any:
@@ -124,8 +136,13 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        """The command-line flag, e.g. ``--log-file`` (``--no-reflection`` for an on/off setting)."""
-        return ("--" if self.metavar else "--no-") + self.name.replace("_", "-")
+        """The command-line flag, e.g. ``--log-file``.
+
+        An on/off setting's flag flips its default: ``--no-reflection`` for
+        one that is on, ``--log-probes`` for one that is off.
+        """
+        negate = self.metavar is None and self.default is True
+        return ("--no-" if negate else "--") + self.name.replace("_", "-")
 
     @property
     def env(self) -> str:
@@ -152,6 +169,15 @@ class ServeSettings:
     tls_client_ca: str | None = None
     reflection: bool = True
     workers: int = 1
+    max_receive_bytes: int = 16 * 1024
+    max_streams: int = 1_000
+    idle_timeout: float = 300.0
+    keepalive_time: float = 60.0
+    keepalive_min_interval: float = 10.0
+    metrics_address: str | None = None
+    access_log: bool = True
+    log_probes: bool = False
+    smoke_details: str = "full"
 
     def __post_init__(self) -> None:
         # Settings built in code (by a service embedding the server) get the
@@ -170,6 +196,9 @@ class ServeSettings:
             raise SettingError("--workers needs a HOST:PORT address: workers share a TCP port")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
+        if self.metrics_address is not None and self.workers > 1:
+            raise SettingError("--metrics-address serves one process's metrics: use it with --workers 1 "
+                               "(run more pods, not more workers, to scale a scraped server)")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -203,6 +232,29 @@ SETTINGS: tuple[Setting, ...] = (
             "do not serve reflection (the variable takes true or false)", None),
     Setting("workers", _count(1),
             "server processes sharing the port (SO_REUSEPORT); one per core uses every core", "N"),
+    # Our own requests are a few bytes (a service name, a reflection symbol).
+    Setting("max_receive_bytes", _count(1024),
+            "largest request message accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES"),
+    Setting("max_streams", _count(1),
+            "concurrent calls (streams) one connection may have open; more wait for a free one", "N"),
+    Setting("idle_timeout", _seconds(0, False),
+            "close a connection that has had no call in flight for this long", "SECONDS"),
+    Setting("keepalive_time", _seconds(0, False),
+            "ping a connection after this long without traffic; close it if the ping goes "
+            f"unanswered for {KEEPALIVE_TIMEOUT:g}s (finds Watch clients that vanished)", "SECONDS"),
+    Setting("keepalive_min_interval", _seconds(0, False),
+            f"shortest interval allowed between a client's keepalive pings; after {PING_STRIKES} "
+            "more pings sooner the connection is closed (GOAWAY too_many_pings)", "SECONDS"),
+    Setting("metrics_address", _tcp_address,
+            "serve Prometheus metrics over HTTP at http://ADDRESS/metrics", "HOST:PORT"),
+    Setting("access_log", _switch,
+            "do not write an access log record per call (the variable takes true or false)", None),
+    Setting("log_probes", _switch,
+            "also log health checks from probes (user agents kube-probe/*, grpc_health_probe, "
+            "petsage-grpc probe), which are otherwise only counted", None),
+    Setting("smoke_details", _choice(SMOKE_DETAILS, str.lower),
+            "what SmokeTest answers: full (checks and server info) or status (status, message and "
+            "timestamp only, for callers who are not trusted)", "{full,status}"),
 )
 
 
@@ -211,8 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         help_text = f"{setting.help} [env {setting.env}; default {setting.default_text}]"
         if setting.metavar is None:
-            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="false",
-                                default=None, help=help_text)
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const",
+                                const="false" if setting.default else "true", default=None, help=help_text)
         else:
             parser.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
                                 help=help_text)

@@ -12,9 +12,11 @@ its calls once closed (not the health service, which keeps answering
 NOT_SERVING for readiness and SERVING for liveness until the end), and
 whether its calls count as in flight (not reflection streams, which an
 interactive tool may hold open for ever).  The gate also parses single
-requests, so that malformed bytes get INVALID_ARGUMENT.  Handlers are wrapped
-once, at registration, so a call costs one extra coroutine frame and no
-interceptor.
+requests, so that malformed bytes get INVALID_ARGUMENT, and hands every
+call's method, duration and status code to a
+:class:`~petsage_grpc.observe.CallObserver` (access log, metrics).  Handlers
+are wrapped once, at registration, so a call costs one extra coroutine frame
+and no interceptor.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from petsage_grpc.observe import CallObserver, code_of
 
 SHUTTING_DOWN = "server is shutting down; retry another instance"
 
@@ -42,10 +46,12 @@ class Policy:
 class Gate:
     """Open until :meth:`close`; tracks how many tracked calls are running.
 
-    Used from the event loop's thread only.
+    Used from the event loop's thread only.  ``observer``, if given, hears of
+    every call that reaches a handler.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observer: CallObserver | None = None) -> None:
+        self.observer = observer
         self.open = True
         self.in_flight = 0
         self.refused = 0  # calls turned away since the gate closed
@@ -115,9 +121,9 @@ class Gate:
         if self.in_flight == 0:
             self._idle.set()
 
-    def wrap(self, handler: grpc.RpcMethodHandler, policy: Policy) -> grpc.RpcMethodHandler:
-        """Return ``handler`` with its behaviour gated (handlers are namedtuples)."""
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+    def wrap(self, handler: grpc.RpcMethodHandler, policy: Policy, path: str) -> grpc.RpcMethodHandler:
+        """Return ``handler`` of method ``path`` with its behaviour gated (handlers are namedtuples)."""
+        for kind, label in _KINDS.items():
             behaviour = getattr(handler, kind)
             if behaviour is None:
                 continue
@@ -126,11 +132,12 @@ class Gate:
                 # The gate parses single requests itself, so malformed bytes get
                 # INVALID_ARGUMENT instead of grpcio's UNKNOWN with a traceback.
                 handler = handler._replace(request_deserializer=None)
-            return handler._replace(**{kind: self._gated(behaviour, parse, policy)})
+            return handler._replace(**{kind: self._gated(behaviour, parse, policy, _Method(label, path))})
         return handler
 
-    def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None, policy: Policy) -> Any:
+    def _gated(self, behaviour: Any, parse: Callable[[bytes], Any] | None, policy: Policy, method: _Method) -> Any:
         gate = self
+        observer = self.observer
 
         async def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if policy.refuse and not gate.open:
@@ -154,25 +161,54 @@ class Gate:
         if inspect.isasyncgenfunction(behaviour):
 
             async def gated_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request = await admit(request, context)
+                started = time.perf_counter()
+                error: BaseException | None = None
                 try:
-                    async for response in behaviour(request, context):
-                        yield response
+                    request = await admit(request, context)
+                    try:
+                        async for response in behaviour(request, context):
+                            yield response
+                    finally:
+                        leave()
+                except BaseException as exc:
+                    error = exc
+                    raise
                 finally:
-                    leave()
+                    if observer is not None:
+                        observer.finished(method.kind, method.path, context, started, code_of(context, error))
 
             return gated_stream
         if not inspect.iscoroutinefunction(behaviour):
             raise TypeError(f"{behaviour!r}: the asyncio server needs async handlers")
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request = await admit(request, context)
+            started = time.perf_counter()
+            error: BaseException | None = None
             try:
-                return await behaviour(request, context)
+                request = await admit(request, context)
+                try:
+                    return await behaviour(request, context)
+                finally:
+                    leave()
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                leave()
+                if observer is not None:
+                    observer.finished(method.kind, method.path, context, started, code_of(context, error))
 
         return gated
+
+
+#: Handler attribute -> the call type as grpc metrics label it.
+_KINDS = {"unary_unary": "unary", "unary_stream": "server_stream",
+          "stream_unary": "client_stream", "stream_stream": "bidi_stream"}
+
+
+@dataclass(frozen=True)
+class _Method:
+    kind: str  # a value of _KINDS
+    path: str  # /package.Service/Method
 
 
 def _message_name(parse: Callable[[bytes], Any]) -> str:
@@ -203,7 +239,7 @@ class _GatedGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None
-            gated = self._cache[method] = self._gate.wrap(handler, self._policy)
+            gated = self._cache[method] = self._gate.wrap(handler, self._policy, method)
         return gated
 
 
@@ -238,5 +274,6 @@ class GatedRegistrar:
         """Gate and register pre-registered method handlers."""
         self._note(service_name)
         self._server.add_registered_method_handlers(
-            service_name, {name: self._gate.wrap(h, self._policy) for name, h in handlers.items()}
+            service_name,
+            {name: self._gate.wrap(h, self._policy, f"/{service_name}/{name}") for name, h in handlers.items()},
         )

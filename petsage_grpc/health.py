@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeAlias
 
 import grpc
@@ -69,6 +69,8 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         self._max_watchers = max_watchers
         self._frozen: tuple[str, ...] | None = None  # once draining: the names set() may still change
         self._closing = False  # once True, open and new watches end after their first answer
+        #: Called with (service, old, new) on every change, from the thread that made it.
+        self.change_listeners: list[Callable[[str, ServingStatus | None, ServingStatus], None]] = []
 
     @property
     def watchers(self) -> int:
@@ -104,7 +106,13 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
             "UNKNOWN" if old is None else _health_pb2.HealthCheckResponse.ServingStatus.Name(old),
             _health_pb2.HealthCheckResponse.ServingStatus.Name(status), reason or "set",
         )
+        for listener in self.change_listeners:
+            listener(service, old, status)
         return True
+
+    def statuses(self) -> dict[str, ServingStatus]:
+        """A copy of the status table (safe from any thread: the copy is one C-level step)."""
+        return dict(self._statuses)
 
     def _wake(self, service: str) -> None:
         for watcher in self._watchers:

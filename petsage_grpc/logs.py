@@ -33,6 +33,8 @@ ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.process", "pet
                "petsage_grpc.health", "petsage_grpc.checks")
 #: Attribute of a probe record that carries its id.
 PROBE_ATTR = "petsage_probe_id"
+#: Attribute of a record carrying structured fields (a dict), written as keys of its JSON object.
+FIELDS_ATTR = "petsage_fields"
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 #: Records the queue holds before new ones are dropped (and counted).
 QUEUE_SIZE = 10_000
@@ -42,7 +44,11 @@ _STOP = object()
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (RFC 3339, UTC), level, logger, message."""
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message.
+
+    A record's structured fields (:data:`FIELDS_ATTR`, e.g. an access log
+    record's method and status code) are added as further keys.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as a single-line JSON object."""
@@ -56,6 +62,10 @@ class JsonFormatter(logging.Formatter):
         probe_id = getattr(record, PROBE_ATTR, None)
         if probe_id is not None:
             entry["probe_id"] = probe_id
+        fields = getattr(record, FIELDS_ATTR, None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                entry.setdefault(key, value)  # never over the four standard keys
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -117,6 +127,7 @@ class LogPipeline:
         self._dropped_lock = threading.Lock()
         self._dropped_queue = 0
         self._dropped_write = 0
+        self._write_failures = {sink.name: 0 for sink in self.sinks}
         self.handler = _QueueHandler(self)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
@@ -137,6 +148,15 @@ class LogPipeline:
     def dropped(self) -> int:
         """Records that did not reach a sink: queue overflows plus failed writes per sink."""
         return self._dropped_queue + self._dropped_write
+
+    @property
+    def dropped_queue_full(self) -> int:
+        """Records dropped because the queue was full: they reached no sink."""
+        return self._dropped_queue
+
+    def write_failures(self) -> dict[str, int]:
+        """Per sink, the records it failed to write (any thread may read it)."""
+        return dict(self._write_failures)
 
     def add_failure_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (from the writer thread) when a sink starts failing."""
@@ -211,6 +231,7 @@ class LogPipeline:
             if sink.error is not None:
                 errors[sink.name] = sink.error
                 self._dropped_write += len(records)
+                self._write_failures[sink.name] += len(records)
                 newly_failing = newly_failing or not was_failing
         if newly_failing:
             for listener in self._failure_listeners:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
@@ -30,9 +30,13 @@ from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 from petsage_grpc import health, logs, reflection, smoke, workers
 from petsage_grpc.binding import BindError, check_bindable
 from petsage_grpc.checks import Check, CheckOutcome, CheckRunner, logging_check
-from petsage_grpc.config import ServeSettings, SettingError
+from petsage_grpc.config import KEEPALIVE_TIMEOUT, PING_STRIKES, ServeSettings, SettingError
 from petsage_grpc.gate import Gate, GatedRegistrar, Policy
+from petsage_grpc.observe import CallObserver
 from petsage_grpc.watchdog import Watchdog, event_loop_check
+
+if TYPE_CHECKING:
+    from petsage_grpc.metrics import Metrics
 
 _LOGGER = logging.getLogger(__name__)
 # No SO_REUSEPORT: a second server on a taken port must fail, not share it
@@ -57,6 +61,26 @@ class _Servicer:
     register: Register
     servicer: object
     checks: tuple[str, ...] | None  # its status follows these checks, or readiness if None
+
+
+def connection_options(settings: ServeSettings) -> tuple[tuple[str, int], ...]:
+    """The limits grpc core puts on each connection and message, from the settings."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return (
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams),
+        ("grpc.max_connection_idle_ms", ms(settings.idle_timeout)),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", ms(KEEPALIVE_TIMEOUT)),
+        # A Watch client idles between changes: its keepalive pings are
+        # welcome, as long as they respect the minimum interval.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.keepalive_min_interval)),
+        ("grpc.http2.max_ping_strikes", PING_STRIKES),
+    )
 
 
 def load_credentials(settings: ServeSettings) -> grpc.ServerCredentials:
@@ -86,6 +110,7 @@ class PetSageServer:
             self.settings = replace(settings, address=self.worker.address)
         self.instance_id = smoke.new_instance_id()
         self.address: str | None = None  # the bound address, once started
+        self.metrics_address: str | None = None  # the bound metrics address, once started
         self._checks: list[Check] = []
         self._servicers: list[_Servicer] = []
         self._service_checks: dict[str, tuple[str, ...] | None] = {}
@@ -136,6 +161,8 @@ class PetSageServer:
             check_bindable(settings.address)
         parts = self._loop_parts = _LoopParts(self, pipeline)
         self.address = parts.bind(settings.address, credentials)
+        if parts.metrics is not None and settings.metrics_address is not None:
+            self.metrics_address = parts.metrics.serve(settings.metrics_address)
         # Liveness depends on nothing outside the process; the watchdog owns it from now on.
         parts.health.set(health.LIVENESS, health.SERVING, "process started")
         parts.watchdog.start()
@@ -190,6 +217,11 @@ class PetSageServer:
         await parts.server.stop(min(STOP_GRACE, max(0.0, grace - (time.monotonic() - closed))))
         await parts.runner.stop()
         await parts.watchdog.stop()
+        if parts.observer.unlogged_probe_calls:
+            _LOGGER.info("%d probe call(s) answered and left out of the access log",
+                         parts.observer.unlogged_probe_calls)
+        if parts.metrics is not None:
+            parts.metrics.stop()
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)
 
 
@@ -198,7 +230,14 @@ class _LoopParts:
 
     def __init__(self, owner: PetSageServer, pipeline: logs.LogPipeline) -> None:
         settings = owner.settings
-        self.gate = Gate()
+        self.metrics: Metrics | None = None
+        if settings.metrics_address is not None:
+            from petsage_grpc.metrics import Metrics  # prometheus-client is imported only when used
+
+            self.metrics = Metrics(owner.instance_id)
+        self.observer = CallObserver(access_log=settings.access_log, log_probes=settings.log_probes,
+                                     metrics=self.metrics)
+        self.gate = Gate(self.observer if settings.access_log or self.metrics is not None else None)
         self.health = health.HealthServicer(settings.max_watchers)
         self.watchdog = Watchdog(settings.stall_limit, self._on_stall_change)
         checks = [
@@ -208,13 +247,17 @@ class _LoopParts:
         ]
         self.runner = CheckRunner(checks, on_change=owner._publish)
         pipeline.add_failure_listener(lambda: self.runner.trigger("logging"))
+        if self.metrics is not None:
+            self._watch_metrics(self.metrics, pipeline)
         pending = settings.max_watchers + PENDING_HEADROOM
         self.server = grpc.aio.server(options=(
             *(SERVER_OPTIONS if owner.worker is None else WORKER_OPTIONS),
+            *connection_options(settings),
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", pending),
         ))
-        smoke_servicer = smoke.SmokeTestServicer(self.runner, owner.instance_id, datetime.now(UTC))
+        smoke_servicer = smoke.SmokeTestServicer(self.runner, owner.instance_id, datetime.now(UTC),
+                                                 details=settings.smoke_details)
         served = [_Servicer(smoke.add_to_server, smoke_servicer, ("logging",)), *owner._servicers]
         known = {check.name for check in checks}
         for entry in served:
@@ -237,6 +280,20 @@ class _LoopParts:
                 (*owner._service_checks, health.SERVICE_NAME),
                 GatedRegistrar(self.server, self.gate, Policy(track=False)),
             )
+
+    def _watch_metrics(self, metrics: Metrics, pipeline: logs.LogPipeline) -> None:
+        from petsage_grpc.metrics import ServerState
+
+        self.runner.outcome_listeners.append(metrics.observe_check)
+        self.health.change_listeners.append(metrics.observe_transition)
+        metrics.watch(ServerState(
+            statuses=self.health.statuses,
+            watchers=lambda: self.health.watchers,
+            in_flight=lambda: self.gate.in_flight,
+            check_results=lambda: list(self.runner.results.values()),
+            dropped_queue_full=lambda: pipeline.dropped_queue_full,
+            write_failures=pipeline.write_failures,
+        ))
 
     def bind(self, address: str, credentials: grpc.ServerCredentials | None) -> str:
         """Listen on ``address`` (TLS with ``credentials``); return it with port 0 replaced."""

@@ -56,10 +56,17 @@ def _check_result(outcome: CheckOutcome) -> _smoke_pb2.CheckResult:
 
 
 class SmokeTestServicer(_smoke_pb2_grpc.SmokeTestServiceServicer):
-    """Answers SmokeTest from a fresh logging probe and the cached check outcomes."""
+    """Answers SmokeTest from a fresh logging probe and the cached check outcomes.
 
-    def __init__(self, runner: CheckRunner, instance_id: str, start_time: datetime) -> None:
+    With ``details="status"`` the answer carries status, message and
+    timestamp only: no check details (which name sinks, files and errors) and
+    no server information, for callers who are not trusted.
+    """
+
+    def __init__(self, runner: CheckRunner, instance_id: str, start_time: datetime, *,
+                 details: str = "full") -> None:
         self._runner = runner
+        self._full = details == "full"
         self._server = _smoke_pb2.ServerInfo(version=__version__, instance_id=instance_id)
         self._server.start_time.FromDatetime(start_time)
 
@@ -72,12 +79,10 @@ class SmokeTestServicer(_smoke_pb2_grpc.SmokeTestServiceServicer):
         # Our own probe's outcome, not one a concurrent call may have cached since.
         outcomes = [fresh if o.name == fresh.name else o for o in self._runner.results.values()]
         status, message = summarize(outcomes)
-        response = _smoke_pb2.SmokeTestResponse(
-            status=status,
-            message=message,
-            checks=[_check_result(o) for o in outcomes],
-            server=self._server,
-        )
+        response = _smoke_pb2.SmokeTestResponse(status=status, message=message)
+        if self._full:
+            response.checks.extend(_check_result(o) for o in outcomes)
+            response.server.CopyFrom(self._server)
         response.timestamp.FromNanoseconds(ran_at)
         return response
 

@@ -1,0 +1,184 @@
+"""Prometheus metrics, served over HTTP on ``--metrics-address`` (``/metrics``).
+
+Call metrics use the names of go-grpc-prometheus and its Python ports
+(``grpc_server_handled_total``, ``grpc_server_handling_seconds``), so
+existing gRPC dashboards work unchanged.  The rest is ours, prefixed
+``petsage_``: each check's status and run time, published health statuses
+and their transitions, open Watch streams, calls in flight, and log records
+that reached no sink.
+
+Counters and histograms are updated as things happen, on whichever thread
+sees them (prometheus-client's metrics are thread-safe).  State the server
+already keeps (statuses, open streams, dropped records) is read at scrape
+time by :class:`_StateCollector` instead of being mirrored, so it cannot
+drift.  This module is imported only when metrics are asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2 as _health_pb2
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from petsage_grpc import __version__
+from petsage_grpc.binding import BindError
+from petsage_grpc.checks import CheckOutcome
+
+_LOGGER = logging.getLogger(__name__)
+#: Call latency buckets, seconds: a health check answers in well under a
+#: millisecond, a SmokeTest in about one, and the slowest calls wait on the
+#: log timeout (1 s by default).
+CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CHECK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STATUS_NAMES = _health_pb2.HealthCheckResponse.ServingStatus.Name
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Readers of the server's own state, called at scrape time on the HTTP thread."""
+
+    statuses: Callable[[], dict[str, int]]  # health status table (copied)
+    watchers: Callable[[], int]  # open Watch streams
+    in_flight: Callable[[], int]  # tracked calls running
+    check_results: Callable[[], list[CheckOutcome]]  # latest outcome per check (copied)
+    dropped_queue_full: Callable[[], int]  # log records that reached no sink
+    write_failures: Callable[[], dict[str, int]]  # per sink, records it failed to write
+
+
+class Metrics:
+    """The registry, its metrics and the HTTP server that exposes them."""
+
+    def __init__(self, instance_id: str) -> None:
+        # A registry of our own: an embedding service's metrics on the global
+        # one stay its own business, and two servers in one test process don't clash.
+        self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self._handled = Counter(
+            "grpc_server_handled", "Calls completed on the server, by status code.",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=self.registry,
+        )
+        self._handling = Histogram(
+            "grpc_server_handling_seconds", "Time from a call's arrival to its status, in seconds.",
+            ["grpc_type", "grpc_service", "grpc_method"], buckets=CALL_BUCKETS, registry=self.registry,
+        )
+        self.unlogged_probe_calls = Counter(
+            "petsage_access_log_probe_calls_unlogged", "Calls from probes left out of the access log "
+            "(user agents kube-probe/*, grpc_health_probe); --log-probes logs them.", registry=self.registry,
+        )
+        self._check_duration = Histogram(
+            "petsage_check_duration_seconds", "Run time of each check.", ["check"],
+            buckets=CHECK_BUCKETS, registry=self.registry,
+        )
+        self._transitions = Counter(
+            "petsage_health_status_transitions", "Changes of a published health status, by new status.",
+            ["service", "status"], registry=self.registry,
+        )
+        self._instance_id = instance_id
+        # (method path, code) -> counter child; method path -> histogram child.
+        # Labels are looked up once per pair, not on every call.
+        self._handled_children: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self._handling_children: dict[str, Histogram] = {}
+        self._lock = threading.Lock()
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_call(self, kind: str, path: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one finished call (``path`` is ``/package.Service/Method``)."""
+        counter = self._handled_children.get((path, code))
+        histogram = self._handling_children.get(path)
+        if counter is None or histogram is None:
+            service, _, method = path[1:].partition("/")
+            with self._lock:
+                counter = self._handled_children[(path, code)] = self._handled.labels(
+                    kind, service, method, code.name)
+                histogram = self._handling_children[path] = self._handling.labels(kind, service, method)
+        counter.inc()
+        histogram.observe(seconds)
+
+    def observe_check(self, outcome: CheckOutcome) -> None:
+        """Record one run of a check."""
+        self._check_duration.labels(outcome.name).observe(outcome.duration)
+
+    def observe_transition(self, service: str, _old: int | None, new: int) -> None:
+        """Count one change of a published health status."""
+        self._transitions.labels(service, _STATUS_NAMES(new)).inc()
+
+    def watch(self, state: ServerState) -> None:
+        """Export the server's own state, read at every scrape."""
+        self.registry.register(_StateCollector(state, self._instance_id))
+
+    def serve(self, address: str) -> str:
+        """Serve ``/metrics`` on ``address`` (HOST:PORT) from a daemon thread; return the bound address."""
+        host, _, port = address.rpartition(":")
+        try:
+            self._http, self._thread = start_http_server(int(port), host.strip("[]"), self.registry)
+        except OSError as exc:
+            raise BindError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        bound = f"{host}:{self._http.server_port}"
+        _LOGGER.info("metrics on http://%s/metrics", bound)
+        return bound
+
+    def stop(self) -> None:
+        """Stop the HTTP server (scrapes in progress finish on their own threads)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _StateCollector(Collector):
+    """Builds gauges from the server's state when Prometheus scrapes."""
+
+    def __init__(self, state: ServerState, instance_id: str) -> None:
+        self._state = state
+        self._instance_id = instance_id
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield one fresh family per piece of state."""
+        state = self._state
+        info = GaugeMetricFamily("petsage_build_info", "Version and instance of this server (always 1).",
+                                 labels=["version", "instance_id"])
+        info.add_metric([__version__, self._instance_id], 1)
+        yield info
+        statuses = GaugeMetricFamily("petsage_health_serving", "1 while a published health status is "
+                                     "SERVING, else 0.", labels=["service"])
+        for service, status in sorted(state.statuses().items()):
+            statuses.add_metric([service], 1 if status == _health_pb2.HealthCheckResponse.SERVING else 0)
+        yield statuses
+        passing = GaugeMetricFamily("petsage_check_passing", "1 while a check's latest run passed, else 0.",
+                                    labels=["check", "critical"])
+        last = GaugeMetricFamily("petsage_check_last_duration_seconds", "Run time of each check's latest run.",
+                                 labels=["check"])
+        for outcome in state.check_results():
+            passing.add_metric([outcome.name, str(outcome.critical).lower()], 1 if outcome.ok else 0)
+            last.add_metric([outcome.name], outcome.duration)
+        yield passing
+        yield last
+        yield GaugeMetricFamily("petsage_watch_streams", "Open grpc.health.v1.Health/Watch streams.",
+                                value=state.watchers())
+        yield GaugeMetricFamily("petsage_calls_in_flight", "Calls running (reflection streams excepted).",
+                                value=state.in_flight())
+        yield CounterMetricFamily("petsage_log_records_dropped", "Log records dropped because the log "
+                                  "queue was full: they reached no sink.", value=state.dropped_queue_full())
+        failures = CounterMetricFamily("petsage_log_sink_write_failures", "Log records a sink failed to "
+                                       "write (disk full, closed stream...).", labels=["sink"])
+        for sink, count in state.write_failures().items():
+            failures.add_metric([sink], count)
+        yield failures

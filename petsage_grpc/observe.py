@@ -1,0 +1,99 @@
+"""What the server records about each call: an access log record and call metrics.
+
+The gate (:mod:`petsage_grpc.gate`) wraps every handler, so it times every
+call and knows how it ended; it hands that to :meth:`CallObserver.finished`.
+One access log record per call goes to the logger ``petsage_grpc.access``
+(through the same pipeline and sinks as every other record): method, status
+code, duration, peer, user agent and the caller's ``x-request-id``.  Calls
+from probes (kubelet's ``kube-probe/*``, ``grpc_health_probe`` and our own
+``petsage-grpc probe``, which presents itself as grpc_health_probe) arrive
+every few seconds from every node and say nothing new: they are counted,
+and logged only with ``--log-probes``.
+
+Calls that grpc itself answers before any handler runs (an unknown method,
+a message over ``--max-receive-bytes``, a connection closed mid-call) never
+reach the gate and are not recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from petsage_grpc.logs import FIELDS_ATTR
+
+if TYPE_CHECKING:
+    from petsage_grpc.metrics import Metrics
+
+ACCESS_LOGGER = "petsage_grpc.access"
+#: User agents of probes; grpc appends its own after the caller's, so these are prefixes.
+PROBE_AGENTS = ("kube-probe/", "grpc_health_probe")
+#: Longest user agent or request id copied into a record: they come from the caller.
+MAX_FIELD = 256
+_ACCESS = logging.getLogger(ACCESS_LOGGER)
+
+
+class CallObserver:
+    """Writes the access log and feeds call metrics; used on the event loop's thread."""
+
+    def __init__(self, *, access_log: bool, log_probes: bool, metrics: Metrics | None) -> None:
+        self._access_log = access_log
+        self._log_probes = log_probes
+        self._metrics = metrics
+        #: Probe calls left out of the access log.
+        self.unlogged_probe_calls = 0
+
+    def finished(
+        self, kind: str, path: str, context: grpc.aio.ServicerContext, started: float, code: grpc.StatusCode
+    ) -> None:
+        """Record a call to ``path`` that began at ``started`` (``time.perf_counter()``) and ended with ``code``."""
+        seconds = time.perf_counter() - started
+        if self._metrics is not None:
+            self._metrics.observe_call(kind, path, code, seconds)
+        if not self._access_log or not _ACCESS.isEnabledFor(logging.INFO):
+            return
+        user_agent = request_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "user-agent":
+                user_agent = value[:MAX_FIELD]
+            elif key == "x-request-id":
+                request_id = value[:MAX_FIELD] if isinstance(value, str) else ""
+        if not self._log_probes and user_agent.startswith(PROBE_AGENTS):
+            self.unlogged_probe_calls += 1
+            if self._metrics is not None:
+                self._metrics.unlogged_probe_calls.inc()
+            return
+        peer = context.peer()
+        fields = {"method": path, "code": code.name, "duration_ms": round(seconds * 1000, 3),
+                  "peer": peer, "user_agent": user_agent, "request_id": request_id}
+        # The caller's strings are quoted as JSON strings: a newline or a quote
+        # in a header cannot forge a second record or field.
+        _ACCESS.info("%s %s %.3fms peer=%s user_agent=%s request_id=%s", path, code.name, seconds * 1000,
+                     peer, json.dumps(user_agent), json.dumps(request_id), extra={FIELDS_ATTR: fields})
+
+
+def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with, from the handler's outcome and its context.
+
+    ``error`` is what the handler raised, or None if it returned.  An abort
+    (or a code set by the handler) is on the context; a cancelled handler
+    means the caller went away or its deadline passed; any other exception
+    becomes UNKNOWN, as grpcio answers it.
+    """
+    code: grpc.StatusCode | None = context.code()
+    if code is not None:
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    if isinstance(error, BaseException) and not isinstance(error, Exception):  # cancelled, closed
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
