@@ -171,6 +171,7 @@ class ServeSettings:
     workers: int = 1
     max_receive_bytes: int = 16 * 1024
     max_streams: int = 1_000
+    max_connections: int = 10_000
     idle_timeout: float = 300.0
     keepalive_time: float = 60.0
     keepalive_min_interval: float = 10.0
@@ -237,6 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request message accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES"),
     Setting("max_streams", _count(1),
             "concurrent calls (streams) one connection may have open; more wait for a free one", "N"),
+    # An idle connection costs the server about 17 KiB (tests/test_limits.py): the cap bounds that memory.
+    Setting("max_connections", _count(1),
+            "open connections accepted; further ones are closed at once (bounds memory)", "N"),
     Setting("idle_timeout", _seconds(0, False),
             "close a connection that has had no call in flight for this long", "SECONDS"),
     Setting("keepalive_time", _seconds(0, False),

@@ -72,6 +72,7 @@ def connection_options(settings: ServeSettings) -> tuple[tuple[str, int], ...]:
     return (
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_concurrent_streams", settings.max_streams),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         ("grpc.max_connection_idle_ms", ms(settings.idle_timeout)),
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time)),
         ("grpc.keepalive_timeout_ms", ms(KEEPALIVE_TIMEOUT)),
