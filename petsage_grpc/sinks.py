@@ -9,6 +9,7 @@ again) for the logging check to report.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -69,6 +70,11 @@ class FileSink(Sink):
     write that the path still names the open file: a file deleted or rotated
     away is recreated, and a removed directory makes the write fail (instead
     of writing, unseen, into an unlinked file) until it is back.
+
+    After each write it also asks the file system for free space: a write
+    into the last, partly used block of a file succeeds on a full disk, so a
+    quiet server would only notice the disk is full many records later.
+    No free block left counts as the write failing with ENOSPC.
     """
 
     def __init__(self, path: str) -> None:
@@ -91,6 +97,12 @@ class FileSink(Sink):
         if self._fd is None:
             self._fd = self._open()
         _write_all(self._fd, data)
+        space = os.fstatvfs(self._fd)
+        # Root may use the blocks a file system reserves; anyone else may not.
+        # Pseudo file systems report no blocks at all: they are never full.
+        free = space.f_bfree if os.geteuid() == 0 else space.f_bavail
+        if space.f_blocks and not free:
+            raise OSError(errno.ENOSPC, "No space left on device (no free block after this write)")
 
     def close(self) -> None:
         """Close the file descriptor; the next write reopens the path."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -144,7 +147,8 @@ def test_stuck_log_writer_fails_smoke_then_recovers(start_server: Start) -> None
     stall(write_end)
 
     check = assert_failing(server, "the log writer did not confirm probe", "within 0.3s")
-    assert check.duration.ToNanoseconds() >= 300_000_000
+    # uvloop's timers work in whole milliseconds: the timeout may fire up to 1 ms early.
+    assert check.duration.ToNanoseconds() >= 299_000_000
 
     drained = LineLog(os.fdopen(read_end, "rb"))  # read again: the writer gets unstuck
     server.wait_for_health("readiness", SERVING)
@@ -175,3 +179,94 @@ def test_strict_log_level_still_writes_the_probe(start_server: Start) -> None:
     info = [line for line in server.stdout.lines if " - INFO - " in line]
     assert info and all(any(f" - {name} - " in line for name in logs.ALWAYS_INFO) for line in info)
     assert any(" - petsage_grpc.health - INFO - health status of 'readiness'" in line for line in info)
+
+
+#: The check interval of the detection tests, and what a quiet server may take beyond it.
+INTERVAL = 1.0
+SLACK = 0.75
+
+
+@dataclass
+class Fault:
+    """A real logging fault made on a running server, and how to clear it (None: it cannot be)."""
+
+    flags: tuple[str, ...]
+    make: Callable[[], None]
+    clear: Callable[[], None] | None
+    error: str
+
+
+def removed_directory(tmp_path: Path, _request: pytest.FixtureRequest) -> Fault:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    return Fault(("--log-file", str(log_dir / "server.log")), lambda: shutil.rmtree(log_dir), log_dir.mkdir,
+                 "[Errno 2] No such file or directory")
+
+
+def full_disk(_tmp_path: Path, request: pytest.FixtureRequest) -> Fault:
+    disk: Path = request.getfixturevalue("tiny_disk")
+    return Fault(("--log-file", str(disk / "server.log")), lambda: fill(disk / "filler"),
+                 (disk / "filler").unlink, "[Errno 28] No space left on device")
+
+
+@pytest.mark.parametrize("make_fault", [removed_directory, full_disk])
+def test_fault_on_a_quiet_server_is_detected_within_one_check_interval_and_clears(
+    start_server: Start, tmp_path: Path, request: pytest.FixtureRequest,
+    make_fault: Callable[[Path, pytest.FixtureRequest], Fault],
+) -> None:
+    fault = make_fault(tmp_path, request)
+    # No access log and no calls but the Watch: only the periodic logging check writes.
+    server = start_server(*fault.flags, "--check-interval", str(INTERVAL), "--no-access-log")
+    assert server.health("readiness") == SERVING
+
+    started = time.monotonic()
+    fault.make()
+    server.wait_for_health("readiness", NOT_SERVING)
+    assert time.monotonic() - started < INTERVAL + SLACK
+    server.stdout.wait_for(rf"check logging is failing: file .*: {re.escape(fault.error)}")
+    assert_failing(server, fault.error)
+
+    assert fault.clear is not None
+    started = time.monotonic()
+    fault.clear()
+    server.wait_for_health("readiness", SERVING)
+    assert time.monotonic() - started < INTERVAL + SLACK
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+
+
+def test_stalled_writer_on_a_quiet_server_is_detected_within_one_interval(start_server: Start) -> None:
+    server, read_end, write_end = start_on_small_pipe(
+        start_server, "--log-timeout", "0.3", "--check-interval", str(INTERVAL), "--no-access-log")
+    started = time.monotonic()
+    stall(write_end)
+    server.wait_for_health("readiness", NOT_SERVING)
+    assert time.monotonic() - started < INTERVAL + 0.3 + SLACK
+
+    drained = LineLog(os.fdopen(read_end, "rb"))
+    started = time.monotonic()
+    server.wait_for_health("readiness", SERVING)
+    assert time.monotonic() - started < INTERVAL + SLACK
+    drained.wait_for("check logging is failing: the log writer did not confirm probe")
+    os.close(write_end)
+
+
+def test_broken_stdout_pipe_on_a_quiet_server_is_detected_within_one_interval(
+    start_server: Start, tmp_path: Path
+) -> None:
+    read_end, write_end = os.pipe()
+    server = start_server("--log-file", str(tmp_path / "server.log"), "--check-interval", str(INTERVAL),
+                          "--no-access-log", stdout=write_end, wait=False)
+    os.close(write_end)
+    reader = os.fdopen(read_end, "rb")
+    for raw in reader:
+        if match := SERVING_LINE.search(raw.decode()):
+            server.address = match[1]
+            break
+    assert server.health("readiness") == SERVING
+
+    started = time.monotonic()
+    reader.close()  # the reader is gone: the next write to stdout fails with EPIPE
+    server.wait_for_health("readiness", NOT_SERVING)
+    assert time.monotonic() - started < INTERVAL + SLACK
+    wait_for_file_line(tmp_path / "server.log", r"check logging is failing: stdout: \[Errno 32\] Broken pipe")
+    assert_failing(server, "stdout: [Errno 32] Broken pipe")
