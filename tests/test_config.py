@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import re
 import subprocess
@@ -37,6 +38,13 @@ Start = Callable[..., ServerProcess]
         ([], {"PETSAGE_GRPC_REFLECTION": "maybe"}, "invalid PETSAGE_GRPC_REFLECTION='maybe': expected true or false"),
         (["--tls-key", "/k.pem"], {}, "--tls-cert and --tls-key go together: give both to serve TLS"),
         (["--tls-client-ca", "/ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
+        (["--max-streams", "0"], {}, "invalid --max-streams='0': should be ≥ 1"),
+        (["--max-connections", "-5"], {}, "invalid --max-connections='-5': should be ≥ 1"),
+        (["--idle-timeout", "0"], {}, "invalid --idle-timeout='0': should be > 0 seconds"),
+        (["--keepalive-time", "inf"], {}, "invalid --keepalive-time='inf': should be > 0 seconds"),
+        (["--keepalive-min-interval", "x"], {}, "invalid --keepalive-min-interval='x': expected a number"),
+        ([], {"PETSAGE_GRPC_LOG_PROBES": "often"}, "invalid PETSAGE_GRPC_LOG_PROBES='often': expected true or false"),
+        ([], {"PETSAGE_GRPC_SMOKE_DETAILS": "some"}, "invalid PETSAGE_GRPC_SMOKE_DETAILS='some': expected one of"),
         ([], {"PETSAGE_GRPC_LOG_FILE": "/no/such/dir/x.log"},
          "cannot open --log-file '/no/such/dir/x.log': No such file or directory"),
     ],
@@ -64,6 +72,23 @@ def test_flag_wins_over_environment(start_server: Start) -> None:
     )
 
     assert " - petsage_grpc.server - INFO - serving on " in server.stdout.wait_for("serving on").string
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {}, (True, False)),
+        (["--log-probes", "--no-access-log"], {}, (False, True)),
+        ([], {"PETSAGE_GRPC_LOG_PROBES": "yes", "PETSAGE_GRPC_ACCESS_LOG": "off"}, (False, True)),
+        (["--log-probes"], {"PETSAGE_GRPC_LOG_PROBES": "false"}, (True, True)),
+    ],
+)
+def test_switches_turn_their_default_over(args: list[str], env: dict[str, str], expected: tuple[bool, bool]) -> None:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    settings = config.resolve(parser.parse_args(args), env)
+
+    assert (settings.access_log, settings.log_probes) == expected
 
 
 def test_address_from_environment(start_server: Start) -> None:
