@@ -161,7 +161,7 @@ class Gate:
         if inspect.isasyncgenfunction(behaviour):
 
             async def gated_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
+                start = None if observer is None else observer.begin(context)
                 error: BaseException | None = None
                 try:
                     request = await admit(request, context)
@@ -174,15 +174,15 @@ class Gate:
                     error = exc
                     raise
                 finally:
-                    if observer is not None:
-                        observer.finished(method.kind, method.path, context, started, code_of(context, error))
+                    if observer is not None and start is not None:
+                        observer.finished(method.kind, method.path, start, code_of(context, error))
 
             return gated_stream
         if not inspect.iscoroutinefunction(behaviour):
             raise TypeError(f"{behaviour!r}: the asyncio server needs async handlers")
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
+            start = None if observer is None else observer.begin(context)
             error: BaseException | None = None
             try:
                 request = await admit(request, context)
@@ -194,8 +194,8 @@ class Gate:
                 error = exc
                 raise
             finally:
-                if observer is not None:
-                    observer.finished(method.kind, method.path, context, started, code_of(context, error))
+                if observer is not None and start is not None:
+                    observer.finished(method.kind, method.path, start, code_of(context, error))
 
         return gated
 

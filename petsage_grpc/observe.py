@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
@@ -37,6 +37,16 @@ MAX_FIELD = 256
 _ACCESS = logging.getLogger(ACCESS_LOGGER)
 
 
+class CallStart(NamedTuple):
+    """What :meth:`CallObserver.begin` noted at a call's start."""
+
+    started: float  # time.perf_counter()
+    probe: bool  # the caller is a probe (by its user agent)
+    peer: str  # empty when no record will be written
+    user_agent: str
+    request_id: str
+
+
 class CallObserver:
     """Writes the access log and feeds call metrics; used on the event loop's thread."""
 
@@ -47,33 +57,48 @@ class CallObserver:
         #: Probe calls left out of the access log.
         self.unlogged_probe_calls = 0
 
-    def finished(
-        self, kind: str, path: str, context: grpc.aio.ServicerContext, started: float, code: grpc.StatusCode
-    ) -> None:
-        """Record a call to ``path`` that began at ``started`` (``time.perf_counter()``) and ended with ``code``."""
-        seconds = time.perf_counter() - started
-        if self._metrics is not None:
-            self._metrics.observe_call(kind, path, code, seconds)
-        if not self._access_log or not _ACCESS.isEnabledFor(logging.INFO):
-            return
+    def begin(self, context: grpc.aio.ServicerContext) -> CallStart:
+        """Note what a record needs at a call's start, while the call surely exists.
+
+        The peer in particular must be read now: asked for after the client
+        has gone, grpcio reads a call it has already freed (the process dies
+        with SIGSEGV).
+        """
+        started = time.perf_counter()
+        if not self._access_log:
+            return CallStart(started, False, "", "", "")
         user_agent = request_id = ""
         for key, value in context.invocation_metadata() or ():
             if key == "user-agent":
                 user_agent = value[:MAX_FIELD]
-            elif key == "x-request-id":
-                request_id = value[:MAX_FIELD] if isinstance(value, str) else ""
-        if not self._log_probes and user_agent.startswith(PROBE_AGENTS):
+            elif key == "x-request-id" and isinstance(value, str):
+                request_id = value[:MAX_FIELD]
+        probe = user_agent.startswith(PROBE_AGENTS)
+        if probe and not self._log_probes:
+            return CallStart(started, True, "", user_agent, request_id)
+        return CallStart(started, probe, context.peer(), user_agent, request_id)
+
+    def finished(self, kind: str, path: str, start: CallStart, code: grpc.StatusCode) -> None:
+        """Record a call to ``path``, begun as ``start`` says, that ended with ``code``."""
+        seconds = time.perf_counter() - start.started
+        if self._metrics is not None:
+            self._metrics.observe_call(kind, path, code, seconds)
+        if not self._access_log:
+            return
+        if start.probe and not self._log_probes:
             self.unlogged_probe_calls += 1
             if self._metrics is not None:
                 self._metrics.unlogged_probe_calls.inc()
             return
-        peer = context.peer()
+        if not _ACCESS.isEnabledFor(logging.INFO):
+            return
         fields = {"method": path, "code": code.name, "duration_ms": round(seconds * 1000, 3),
-                  "peer": peer, "user_agent": user_agent, "request_id": request_id}
+                  "peer": start.peer, "user_agent": start.user_agent, "request_id": start.request_id}
         # The caller's strings are quoted as JSON strings: a newline or a quote
         # in a header cannot forge a second record or field.
         _ACCESS.info("%s %s %.3fms peer=%s user_agent=%s request_id=%s", path, code.name, seconds * 1000,
-                     peer, json.dumps(user_agent), json.dumps(request_id), extra={FIELDS_ATTR: fields})
+                     start.peer, json.dumps(start.user_agent), json.dumps(start.request_id),
+                     extra={FIELDS_ATTR: fields})
 
 
 def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:

@@ -8,8 +8,10 @@
   file says ``ok``, ``raise <message>``, ``hang`` (await for ever: the check
   times out), ``block <seconds>`` (sleep on the event loop itself, the
   classic blocking call in async code that stalls the whole server),
-  ``cancelled`` (await a task something else cancelled) or ``number``
-  (return 42 instead of a str).
+  ``cancelled`` (await a task something else cancelled), ``number``
+  (return 42 instead of a str) or ``leak`` (pass, but leave behind on every
+  run a task that never finishes, holding a new 1 MiB buffer: each run adds
+  one pending task and 1 MiB of memory).
 - ``wrapped`` (non-critical): the same commands, through a plain lambda that
   returns the coroutine (``lambda: ping()``).
 - ``legacy`` (non-critical, a plain function, so it runs on a thread): ``ok``,
@@ -38,6 +40,10 @@ from petsage_grpc.server import PetSageServer
 #: How often the steered checks run, and how long each may take.
 INTERVAL = 0.1
 TIMEOUT = 0.5
+#: What ``leak`` leaves behind on each run.
+LEAK_BYTES = 1 << 20
+#: Kept for good: asyncio itself holds pending tasks only weakly.
+_leaked: list[asyncio.Task[None]] = []
 
 
 def _command(control: Path, name: str) -> tuple[str, str]:
@@ -47,6 +53,11 @@ def _command(control: Path, name: str) -> tuple[str, str]:
         text = "ok"
     verb, _, rest = text.partition(" ")
     return verb, rest
+
+
+async def _hold(buffer: bytes) -> None:
+    """Keep ``buffer`` alive for ever (``leak``)."""
+    await asyncio.Event().wait()
 
 
 def _async_check(control: Path, name: str) -> Check:
@@ -65,6 +76,8 @@ def _async_check(control: Path, name: str) -> Check:
             await other
         if verb == "number":
             return 42  # type: ignore[return-value]
+        if verb == "leak":
+            _leaked.append(asyncio.ensure_future(_hold(b"\x01" * LEAK_BYTES)))
         return f"{name} answers"
 
     if name == "wrapped":
