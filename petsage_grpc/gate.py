@@ -78,7 +78,7 @@ class Gate:
         return True
 
     async def wait_quiet(self, quiet: float, timeout: float) -> bool:
-        """Wait until ``quiet`` seconds pass with no refusal and no call finishing.
+        """Wait until ``quiet`` seconds pass with no refusal and no refusable call finishing.
 
         Calls that reach grpcio just before ``stop()`` are cancelled by it
         (grpc/grpc#41785).  A caller whose call just finished, or who was
@@ -114,9 +114,12 @@ class Gate:
         self.in_flight += 1
         self._idle.clear()
 
-    def _leave(self) -> None:
+    def _leave(self, refusable: bool) -> None:
         self.in_flight -= 1
-        if not self.open:
+        # Only a call that would now be refused says its caller is still here
+        # and may come back: probes keep calling Health until the process has
+        # gone, and must not hold up the shutdown for the whole grace period.
+        if refusable and not self.open:
             self._mark_activity()
         if self.in_flight == 0:
             self._idle.set()
@@ -151,12 +154,12 @@ class Gate:
                 return parse(request)
             except Exception:
                 if policy.track:
-                    gate._leave()
+                    gate._leave(policy.refuse)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {_message_name(parse)}")
 
         def leave() -> None:
             if policy.track:
-                gate._leave()
+                gate._leave(policy.refuse)
 
         if inspect.isasyncgenfunction(behaviour):
 

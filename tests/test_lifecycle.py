@@ -210,6 +210,39 @@ def test_open_reflection_stream_does_not_hold_up_shutdown(start_server: Start) -
     asked.set()
 
 
+def test_probes_calling_health_without_pause_do_not_hold_up_shutdown(start_server: Start) -> None:
+    server = start_server("--grace", "30")
+    stop = threading.Event()
+    answered = threading.Semaphore(0)
+
+    def probe() -> None:
+        stub = health_pb2_grpc.HealthStub(server.channel())
+        request = health_pb2.HealthCheckRequest(service="liveness")
+        while not stop.is_set():
+            try:
+                stub.Check(request, timeout=RPC_TIMEOUT)
+            except grpc.RpcError:
+                continue  # CANCELLED by grpcio's stop() or refused once it has gone: keep probing
+            answered.release()
+
+    probes = [threading.Thread(target=probe) for _ in range(4)]
+    for thread in probes:
+        thread.start()
+    try:
+        for _ in range(100):
+            assert answered.acquire(timeout=RPC_TIMEOUT)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        # Health answers never stop, so they must not count as callers still arriving.
+        assert server.wait() == 0
+        assert time.monotonic() - started < 10
+        assert "grace period of 30s over" not in server.stdout.text()
+    finally:
+        stop.set()
+        for thread in probes:
+            thread.join()
+
+
 def test_drain_keeps_serving_not_serving_then_ends_watches_and_finishes_in_flight_calls(start_server: Start) -> None:
     server, read_end, write_end = start_on_small_pipe(
         start_server, "--drain", "1.5", "--grace", "30", "--log-timeout", "60"
