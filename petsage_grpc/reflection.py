@@ -166,11 +166,32 @@ def _answer(index: _Index, version: _Version, request: Any) -> Any:
     return response
 
 
+class _Malformed:
+    """Stands for a stream message that is not a ServerReflectionRequest."""
+
+
+_MALFORMED = _Malformed()
+
+
 def _handler(index: _Index, version: _Version) -> grpc.GenericRpcHandler:
     """The ``ServerReflectionInfo`` handler of one version: one answer per request, in order."""
 
+    def parse(data: bytes) -> Any:
+        # grpcio ends the whole stream with UNKNOWN when a deserializer raises:
+        # a malformed message gets its own error answer instead, like any bad request.
+        try:
+            return version.request.FromString(data)
+        except Exception:
+            return _MALFORMED
+
     async def server_reflection_info(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         async for request in requests:
+            if request is _MALFORMED:
+                yield version.response(error_response={
+                    "error_code": grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    "error_message": f"malformed {version.request.DESCRIPTOR.full_name}",
+                })
+                continue
             try:
                 yield _answer(index, version, request)
             except Exception:  # one bad request gets an error answer; the stream goes on
@@ -183,7 +204,7 @@ def _handler(index: _Index, version: _Version) -> grpc.GenericRpcHandler:
 
     method = grpc.stream_stream_rpc_method_handler(
         server_reflection_info,
-        request_deserializer=version.request.FromString,
+        request_deserializer=parse,
         response_serializer=version.response.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(version.service, {"ServerReflectionInfo": method})

@@ -41,3 +41,19 @@ def bare_server() -> Iterator[str]:
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the lines tests recorded with ``record_property("terminal_summary", line)``."""
+    lines = [
+        str(value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "terminal_summary"
+    ]
+    if lines:
+        terminalreporter.section("recorded by the tests")
+        for line in lines:
+            terminalreporter.write_line(line)
