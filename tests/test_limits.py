@@ -13,6 +13,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -31,11 +32,12 @@ MAX_BYTES_PER_CONNECTION = 32 * 1024
 
 
 def check_request(service: str) -> bytes:
-    return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    data: bytes = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    return data
 
 
-def raw_call(server: ServerProcess, method: str, payload: bytes) -> grpc.RpcError | bytes:
-    """Send ``payload`` as the request of ``method``, untouched; the answer's bytes or the error."""
+def raw_call(server: ServerProcess, method: str, payload: bytes) -> Any:
+    """Send ``payload`` as the request of ``method``, untouched; the answer's bytes or the ``grpc.RpcError``."""
     try:
         answer: bytes = server.channel().unary_unary(method)(payload, timeout=RPC_TIMEOUT)
     except grpc.RpcError as exc:

@@ -42,7 +42,8 @@ def check_as(server: ServerProcess, user_agent: str, service: str = "readiness",
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT, metadata=metadata)
         except grpc.RpcError as exc:
-            return -exc.code().value[0]
+            code: int = exc.code().value[0]
+            return -code
         return int(response.status)
 
 
