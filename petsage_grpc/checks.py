@@ -203,7 +203,10 @@ class CheckRunner:
         previous = self._results.get(outcome.name)
         self._results[outcome.name] = outcome
         for listener in self.outcome_listeners:
-            listener(outcome)
+            try:
+                listener(outcome)
+            except Exception:  # a listener's bug must not keep statuses from following the checks
+                _LOGGER.exception("check outcome listener failed")
         if previous is None or previous.ok != outcome.ok:
             level = logging.INFO if outcome.ok else logging.WARNING
             _LOGGER.log(level, "check %s is %s: %s", outcome.name,
@@ -223,7 +226,7 @@ def logging_check(pipeline: LogPipeline, timeout: float, interval: float) -> Che
         lost, reported = pipeline.dropped - reported, pipeline.dropped
         if lost:
             _LOGGER.warning("%d log record(s) lost since the last logging check "
-                            "(queue full or a sink write failed)", lost)
+                            "(queue full, access records shed under load, or a sink write failed)", lost)
         suffix = f"; {lost} record(s) lost since the last check" if lost else ""
         if not delivery.ok:
             raise CheckFailed("; ".join(f"{sink}: {error}" for sink, error in delivery.errors.items()) + suffix)

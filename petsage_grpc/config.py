@@ -45,8 +45,14 @@ def parse_address(value: str) -> str:
     return value
 
 
-def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
-    """Build a parser for a finite number of seconds above ``minimum``."""
+#: The largest value grpc core takes for a count, or for a time in milliseconds (a C int).
+GRPC_INT_MAX = 2**31 - 1
+#: The longest time handed to grpc core, in seconds (its milliseconds must fit a C int).
+GRPC_SECONDS_MAX = GRPC_INT_MAX // 1000
+
+
+def _seconds(minimum: float, inclusive: bool, maximum: float | None = None) -> Callable[[str], float]:
+    """Build a parser for a finite number of seconds above ``minimum`` (and at most ``maximum``)."""
 
     def parse(value: str) -> float:
         try:
@@ -55,13 +61,16 @@ def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
             raise ValueError("expected a number of seconds") from None
         if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
             raise ValueError(f"should be {'≥' if inclusive else '>'} {minimum:g} seconds")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"should be ≤ {maximum:.0f} seconds" if maximum == int(maximum)
+                             else f"should be ≤ {maximum:g} seconds")
         return number
 
     return parse
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """Build a parser for a whole number at least ``minimum``."""
+def _count(minimum: int, maximum: int = GRPC_INT_MAX) -> Callable[[str], int]:
+    """Build a parser for a whole number from ``minimum`` to ``maximum``."""
 
     def parse(value: str) -> int:
         try:
@@ -70,6 +79,8 @@ def _count(minimum: int) -> Callable[[str], int]:
             raise ValueError("expected a whole number") from None
         if number < minimum:
             raise ValueError(f"should be ≥ {minimum}")
+        if number > maximum:
+            raise ValueError(f"should be ≤ {maximum}")
         return number
 
     return parse
@@ -220,7 +231,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain", _seconds(0, True),
             "on SIGTERM/SIGINT, seconds to keep serving with readiness NOT_SERVING before "
             "Watch streams end and new calls are refused (let load balancers notice)", "SECONDS"),
-    Setting("max_watchers", _count(1),
+    # grpc's pending-call limit is this plus 1,000 (server.PENDING_HEADROOM); a watcher costs ~25 KiB.
+    Setting("max_watchers", _count(1, 1_000_000),
             "concurrent Health/Watch streams allowed; more get RESOURCE_EXHAUSTED", "N"),
     # The watchdog looks every 0.05 s: a smaller limit would call ordinary jitter a stall.
     Setting("stall_limit", _seconds(0.5, True),
@@ -231,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
             "require client certificates signed by these PEM CA certificates (mTLS)", "PATH"),
     Setting("reflection", _switch,
             "do not serve reflection (the variable takes true or false)", None),
-    Setting("workers", _count(1),
+    Setting("workers", _count(1, 256),
             "server processes sharing the port (SO_REUSEPORT); one per core uses every core", "N"),
     # Our own requests are a few bytes (a service name, a reflection symbol).
     Setting("max_receive_bytes", _count(1024),
@@ -241,12 +253,12 @@ SETTINGS: tuple[Setting, ...] = (
     # An idle connection costs the server about 17 KiB (tests/test_limits.py): the cap bounds that memory.
     Setting("max_connections", _count(1),
             "open connections accepted; further ones are closed at once (bounds memory)", "N"),
-    Setting("idle_timeout", _seconds(0, False),
+    Setting("idle_timeout", _seconds(0, False, GRPC_SECONDS_MAX),
             "close a connection that has had no call in flight for this long", "SECONDS"),
-    Setting("keepalive_time", _seconds(0, False),
+    Setting("keepalive_time", _seconds(0, False, GRPC_SECONDS_MAX),
             "ping a connection after this long without traffic; close it if the ping goes "
             f"unanswered for {KEEPALIVE_TIMEOUT:g}s (finds Watch clients that vanished)", "SECONDS"),
-    Setting("keepalive_min_interval", _seconds(0, False),
+    Setting("keepalive_min_interval", _seconds(0, False, GRPC_SECONDS_MAX),
             f"shortest interval allowed between a client's keepalive pings; after {PING_STRIKES} "
             "more pings sooner the connection is closed (GOAWAY too_many_pings)", "SECONDS"),
     Setting("metrics_address", _tcp_address,

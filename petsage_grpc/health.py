@@ -107,7 +107,10 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
             _health_pb2.HealthCheckResponse.ServingStatus.Name(status), reason or "set",
         )
         for listener in self.change_listeners:
-            listener(service, old, status)
+            try:
+                listener(service, old, status)
+            except Exception:  # may run on the watchdog thread, which must outlive any listener
+                _LOGGER.exception("health change listener failed")
         return True
 
     def statuses(self) -> dict[str, ServingStatus]:

@@ -36,8 +36,14 @@ PROBE_ATTR = "petsage_probe_id"
 #: Attribute of a record carrying structured fields (a dict), written as keys of its JSON object.
 FIELDS_ATTR = "petsage_fields"
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+#: Attribute marking a record the pipeline may shed under load (the access log's).
+SHEDDABLE_ATTR = "petsage_sheddable"
 #: Records the queue holds before new ones are dropped (and counted).
 QUEUE_SIZE = 10_000
+#: Queued records beyond which sheddable records are dropped (and counted), so
+#: that a flood of calls can never crowd out the logging check's probe record
+#: or the server's own records.
+SHED_ABOVE = QUEUE_SIZE // 2
 #: Records written to the sinks in one ``os.write``.
 BATCH_SIZE = 256
 _STOP = object()
@@ -126,6 +132,7 @@ class LogPipeline:
         # failed sink writes (counted per sink, by the writer thread only).
         self._dropped_lock = threading.Lock()
         self._dropped_queue = 0
+        self._shed = 0
         self._dropped_write = 0
         self._write_failures = {sink.name: 0 for sink in self.sinks}
         self.handler = _QueueHandler(self)
@@ -134,7 +141,11 @@ class LogPipeline:
 
     # -- producer side (any thread) -------------------------------------------------
     def enqueue(self, record: logging.LogRecord) -> None:
-        """Queue ``record``; when the queue is full, drop and count it."""
+        """Queue ``record``; when the queue is full (half full for a sheddable one), drop and count it."""
+        if getattr(record, SHEDDABLE_ATTR, False) and self._queue.qsize() >= SHED_ABOVE:
+            with self._dropped_lock:
+                self._shed += 1
+            return
         try:
             self._queue.put_nowait(record)
         except queue.Full:
@@ -146,13 +157,12 @@ class LogPipeline:
 
     @property
     def dropped(self) -> int:
-        """Records that did not reach a sink: queue overflows plus failed writes per sink."""
-        return self._dropped_queue + self._dropped_write
+        """Records that did not reach a sink: dropped from the queue plus failed writes per sink."""
+        return self._dropped_queue + self._shed + self._dropped_write
 
-    @property
-    def dropped_queue_full(self) -> int:
-        """Records dropped because the queue was full: they reached no sink."""
-        return self._dropped_queue
+    def dropped_unqueued(self) -> dict[str, int]:
+        """Records that reached no sink, by reason: ``queue_full`` and ``shed`` (access records under load)."""
+        return {"queue_full": self._dropped_queue, "shed": self._shed}
 
     def write_failures(self) -> dict[str, int]:
         """Per sink, the records it failed to write (any thread may read it)."""
@@ -227,9 +237,10 @@ class LogPipeline:
         newly_failing = False
         for sink in self.sinks:
             was_failing = sink.error is not None
-            sink.write(data)  # records its own error; never raises
+            written = sink.write(data)  # records its own error; never raises
             if sink.error is not None:
                 errors[sink.name] = sink.error
+            if not written:
                 self._dropped_write += len(records)
                 self._write_failures[sink.name] += len(records)
                 newly_failing = newly_failing or not was_failing

@@ -1,8 +1,9 @@
 """Prometheus metrics, served over HTTP on ``--metrics-address`` (``/metrics``).
 
-Call metrics use the names of go-grpc-prometheus and its Python ports
-(``grpc_server_handled_total``, ``grpc_server_handling_seconds``), so
-existing gRPC dashboards work unchanged.  The rest is ours, prefixed
+Call metrics use the names, labels and code spellings of
+go-grpc-prometheus's handled counter and handling-time histogram
+(``grpc_server_handled_total{grpc_code="NotFound"}``,
+``grpc_server_handling_seconds``), so the usual gRPC dashboard panels work.  The rest is ours, prefixed
 ``petsage_``: each check's status and run time, published health statuses
 and their transitions, open Watch streams, calls in flight, and log records
 that reached no sink.
@@ -17,10 +18,13 @@ drift.  This module is imported only when metrics are asked for.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
@@ -31,7 +35,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -57,8 +61,9 @@ class ServerState:
     watchers: Callable[[], int]  # open Watch streams
     in_flight: Callable[[], int]  # tracked calls running
     check_results: Callable[[], list[CheckOutcome]]  # latest outcome per check (copied)
-    dropped_queue_full: Callable[[], int]  # log records that reached no sink
+    dropped_unqueued: Callable[[], dict[str, int]]  # by reason, log records that reached no sink
     write_failures: Callable[[], dict[str, int]]  # per sink, records it failed to write
+    unlogged_probe_calls: Callable[[], int]  # probe calls left out of the access log
 
 
 class Metrics:
@@ -77,10 +82,6 @@ class Metrics:
         self._handling = Histogram(
             "grpc_server_handling_seconds", "Time from a call's arrival to its status, in seconds.",
             ["grpc_type", "grpc_service", "grpc_method"], buckets=CALL_BUCKETS, registry=self.registry,
-        )
-        self.unlogged_probe_calls = Counter(
-            "petsage_access_log_probe_calls_unlogged", "Calls from probes left out of the access log "
-            "(user agents kube-probe/*, grpc_health_probe); --log-probes logs them.", registry=self.registry,
         )
         self._check_duration = Histogram(
             "petsage_check_duration_seconds", "Run time of each check.", ["check"],
@@ -107,7 +108,7 @@ class Metrics:
             service, _, method = path[1:].partition("/")
             with self._lock:
                 counter = self._handled_children[(path, code)] = self._handled.labels(
-                    kind, service, method, code.name)
+                    kind, service, method, go_code_name(code))
                 histogram = self._handling_children[path] = self._handling.labels(kind, service, method)
         counter.inc()
         histogram.observe(seconds)
@@ -128,19 +129,86 @@ class Metrics:
         """Serve ``/metrics`` on ``address`` (HOST:PORT) from a daemon thread; return the bound address."""
         host, _, port = address.rpartition(":")
         try:
-            self._http, self._thread = start_http_server(int(port), host.strip("[]"), self.registry)
+            self._http = _bounded_server(host.strip("[]"), int(port), make_wsgi_app(self.registry))
         except OSError as exc:
             raise BindError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         bound = f"{host}:{self._http.server_port}"
         _LOGGER.info("metrics on http://%s/metrics", bound)
         return bound
 
     def stop(self) -> None:
-        """Stop the HTTP server (scrapes in progress finish on their own threads)."""
+        """Stop the HTTP server (scrapes in progress finish on their own threads).
+
+        Blocks up to half a second (the server's poll interval): call it off the event loop.
+        """
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+#: Seconds a metrics client may take to send its request or read the answer.
+HTTP_TIMEOUT = 5.0
+#: Scrapes answered at once; further connections are closed at once.
+MAX_SCRAPES = 16
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per request, and a timeout on the socket."""
+
+    timeout = HTTP_TIMEOUT
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Say nothing: the metrics port is scraped every few seconds."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, at most :data:`MAX_SCRAPES` at once.
+
+    prometheus-client's own server starts a thread for every connection and
+    waits on each for ever: idle connections to the metrics port would
+    pile up threads without bound.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Answer on a thread of its own, or close the connection when every slot is taken."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Answer, then free the slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _bounded_server(host: str, port: int, app: Any) -> _BoundedServer:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server = _BoundedServer((host, port), family)
+    server.set_app(app)
+    return server
+
+
+def go_code_name(code: grpc.StatusCode) -> str:
+    """The status code as grpc-go spells it (``NotFound``, ``Canceled``), as gRPC dashboards expect."""
+    if code is grpc.StatusCode.OK:
+        return "OK"
+    if code is grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    return "".join(word.capitalize() for word in code.name.split("_"))
 
 
 class _StateCollector(Collector):
@@ -175,10 +243,17 @@ class _StateCollector(Collector):
                                 value=state.watchers())
         yield GaugeMetricFamily("petsage_calls_in_flight", "Calls running (reflection streams excepted).",
                                 value=state.in_flight())
-        yield CounterMetricFamily("petsage_log_records_dropped", "Log records dropped because the log "
-                                  "queue was full: they reached no sink.", value=state.dropped_queue_full())
+        dropped = CounterMetricFamily("petsage_log_records_dropped", "Log records that reached no sink: "
+                                      "the log queue was full, or (reason shed) an access record found it "
+                                      "half full.", labels=["reason"])
+        for reason, count in state.dropped_unqueued().items():
+            dropped.add_metric([reason], count)
+        yield dropped
         failures = CounterMetricFamily("petsage_log_sink_write_failures", "Log records a sink failed to "
                                        "write (disk full, closed stream...).", labels=["sink"])
         for sink, count in state.write_failures().items():
             failures.add_metric([sink], count)
         yield failures
+        yield CounterMetricFamily("petsage_access_log_probe_calls_unlogged", "Health calls from probes left "
+                                  "out of the access log (user agents kube-probe/*, grpc_health_probe); "
+                                  "--log-probes logs them.", value=state.unlogged_probe_calls())

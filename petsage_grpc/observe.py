@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
-from petsage_grpc.logs import FIELDS_ATTR
+from petsage_grpc.logs import FIELDS_ATTR, SHEDDABLE_ATTR
 
 if TYPE_CHECKING:
     from petsage_grpc.metrics import Metrics
@@ -41,7 +41,7 @@ class CallStart(NamedTuple):
     """What :meth:`CallObserver.begin` noted at a call's start."""
 
     started: float  # time.perf_counter()
-    probe: bool  # the caller is a probe (by its user agent)
+    record: bool  # an access log record is to be written
     peer: str  # empty when no record will be written
     user_agent: str
     request_id: str
@@ -54,18 +54,20 @@ class CallObserver:
         self._access_log = access_log
         self._log_probes = log_probes
         self._metrics = metrics
-        #: Probe calls left out of the access log.
+        #: Probe calls left out of the access log (read by the metrics at scrape time).
         self.unlogged_probe_calls = 0
 
-    def begin(self, context: grpc.aio.ServicerContext) -> CallStart:
-        """Note what a record needs at a call's start, while the call surely exists.
+    def begin(self, context: grpc.aio.ServicerContext, health: bool) -> CallStart:
+        """Note what a record needs at a call's start, while grpc still holds the call.
 
         The peer in particular must be read now: asked for after the client
         has gone, grpcio reads a call it has already freed (the process dies
-        with SIGSEGV).
+        with SIGSEGV).  ``health``: the call is to ``grpc.health.v1.Health``,
+        the only service whose probe calls are left out of the log (a caller
+        claiming a probe's user agent elsewhere is logged like any other).
         """
         started = time.perf_counter()
-        if not self._access_log:
+        if not self._access_log or not _ACCESS.isEnabledFor(logging.INFO):
             return CallStart(started, False, "", "", "")
         user_agent = request_id = ""
         for key, value in context.invocation_metadata() or ():
@@ -73,32 +75,26 @@ class CallObserver:
                 user_agent = value[:MAX_FIELD]
             elif key == "x-request-id" and isinstance(value, str):
                 request_id = value[:MAX_FIELD]
-        probe = user_agent.startswith(PROBE_AGENTS)
-        if probe and not self._log_probes:
-            return CallStart(started, True, "", user_agent, request_id)
-        return CallStart(started, probe, context.peer(), user_agent, request_id)
+        if health and not self._log_probes and user_agent.startswith(PROBE_AGENTS):
+            self.unlogged_probe_calls += 1
+            return CallStart(started, False, "", "", "")
+        return CallStart(started, True, context.peer(), user_agent, request_id)
 
     def finished(self, kind: str, path: str, start: CallStart, code: grpc.StatusCode) -> None:
         """Record a call to ``path``, begun as ``start`` says, that ended with ``code``."""
         seconds = time.perf_counter() - start.started
         if self._metrics is not None:
             self._metrics.observe_call(kind, path, code, seconds)
-        if not self._access_log:
-            return
-        if start.probe and not self._log_probes:
-            self.unlogged_probe_calls += 1
-            if self._metrics is not None:
-                self._metrics.unlogged_probe_calls.inc()
-            return
-        if not _ACCESS.isEnabledFor(logging.INFO):
+        if not start.record:
             return
         fields = {"method": path, "code": code.name, "duration_ms": round(seconds * 1000, 3),
                   "peer": start.peer, "user_agent": start.user_agent, "request_id": start.request_id}
         # The caller's strings are quoted as JSON strings: a newline or a quote
-        # in a header cannot forge a second record or field.
+        # in a header cannot forge a second record or field.  Access records
+        # may be shed when the log queue fills (see logs.SHEDDABLE_ATTR).
         _ACCESS.info("%s %s %.3fms peer=%s user_agent=%s request_id=%s", path, code.name, seconds * 1000,
                      start.peer, json.dumps(start.user_agent), json.dumps(start.request_id),
-                     extra={FIELDS_ATTR: fields})
+                     extra={FIELDS_ATTR: fields, SHEDDABLE_ATTR: True})
 
 
 def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -109,9 +105,10 @@ def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
     means the caller went away or its deadline passed; any other exception
     becomes UNKNOWN, as grpcio answers it.
     """
-    code: grpc.StatusCode | None = context.code()
+    code = context.code()
     if code is not None:
-        return code
+        # A handler may have set a bare number: grpcio hands it back as given.
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
     if error is None:
         return grpc.StatusCode.OK
     if isinstance(error, grpc.aio.AbortError):

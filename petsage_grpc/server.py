@@ -222,7 +222,7 @@ class PetSageServer:
             _LOGGER.info("%d probe call(s) answered and left out of the access log",
                          parts.observer.unlogged_probe_calls)
         if parts.metrics is not None:
-            parts.metrics.stop()
+            await asyncio.to_thread(parts.metrics.stop)
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)
 
 
@@ -292,8 +292,9 @@ class _LoopParts:
             watchers=lambda: self.health.watchers,
             in_flight=lambda: self.gate.in_flight,
             check_results=lambda: list(self.runner.results.values()),
-            dropped_queue_full=lambda: pipeline.dropped_queue_full,
+            dropped_unqueued=pipeline.dropped_unqueued,
             write_failures=pipeline.write_failures,
+            unlogged_probe_calls=lambda: self.observer.unlogged_probe_calls,
         ))
 
     def bind(self, address: str, credentials: grpc.ServerCredentials | None) -> str:

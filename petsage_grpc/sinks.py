@@ -22,6 +22,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class _NoFreeBlock(OSError):
+    """A write succeeded but left the file system without a free block."""
+
+
 class Sink:
     """A destination for log lines; subclasses provide :meth:`_write`."""
 
@@ -30,14 +34,22 @@ class Sink:
         #: The last write's error as ``"[Errno N] text"``, or None when it worked.
         self.error: str | None = None
 
-    def write(self, data: bytes) -> None:
-        """Write ``data``; record the outcome in :attr:`error` instead of raising."""
+    def write(self, data: bytes) -> bool:
+        """Write ``data``; record the outcome in :attr:`error` instead of raising.
+
+        Returns whether ``data`` was written: a sink may report an error (a
+        disk just filled up) about a write that still went through.
+        """
         try:
             self._write(data)
+        except _NoFreeBlock as exc:
+            self.error = _describe(exc)
+            return True
         except OSError as exc:
             self.error = _describe(exc)
-        else:
-            self.error = None
+            return False
+        self.error = None
+        return True
 
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
@@ -81,6 +93,8 @@ class FileSink(Sink):
         super().__init__(f"file {path}")
         self.path = path
         self._fd: int | None = self._open()  # fails early: checked at start-up
+        # Root may use the blocks a file system reserves; anyone else may not.
+        self._root = os.geteuid() == 0
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -98,11 +112,9 @@ class FileSink(Sink):
             self._fd = self._open()
         _write_all(self._fd, data)
         space = os.fstatvfs(self._fd)
-        # Root may use the blocks a file system reserves; anyone else may not.
         # Pseudo file systems report no blocks at all: they are never full.
-        free = space.f_bfree if os.geteuid() == 0 else space.f_bavail
-        if space.f_blocks and not free:
-            raise OSError(errno.ENOSPC, "No space left on device (no free block after this write)")
+        if space.f_blocks and not (space.f_bfree if self._root else space.f_bavail):
+            raise _NoFreeBlock(errno.ENOSPC, "No space left on device (no free block after this write)")
 
     def close(self) -> None:
         """Close the file descriptor; the next write reopens the path."""

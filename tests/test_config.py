@@ -39,6 +39,11 @@ Start = Callable[..., ServerProcess]
         (["--tls-key", "/k.pem"], {}, "--tls-cert and --tls-key go together: give both to serve TLS"),
         (["--tls-client-ca", "/ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
         (["--max-streams", "0"], {}, "invalid --max-streams='0': should be ≥ 1"),
+        # grpc core takes C ints (times in milliseconds): larger values are refused up front.
+        (["--idle-timeout", "1e7"], {}, "invalid --idle-timeout='1e7': should be ≤ 2147483 seconds"),
+        (["--max-connections", "2147483648"], {}, "invalid --max-connections='2147483648': should be ≤ 2147483647"),
+        (["--max-watchers", "2000000"], {}, "invalid --max-watchers='2000000': should be ≤ 1000000"),
+        (["--workers", "1000"], {}, "invalid --workers='1000': should be ≤ 256"),
         (["--max-connections", "-5"], {}, "invalid --max-connections='-5': should be ≥ 1"),
         (["--idle-timeout", "0"], {}, "invalid --idle-timeout='0': should be > 0 seconds"),
         (["--keepalive-time", "inf"], {}, "invalid --keepalive-time='inf': should be > 0 seconds"),

@@ -231,7 +231,7 @@ def test_service_selects_the_pods_and_targets_their_ports() -> None:
     assert service["spec"]["type"] == "ClusterIP"
     ports = container_ports()
     exposed = {port["name"]: port for port in service["spec"]["ports"]}
-    assert {name: port["port"] for name, port in exposed.items()} == {"grpc": 50051, "metrics": 9090}
+    assert {name: port["port"] for name, port in exposed.items()} == {"grpc": 50051}
     assert exposed["grpc"]["appProtocol"] == "grpc"
     for name, port in exposed.items():
         target = port["targetPort"]

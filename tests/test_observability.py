@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from petsage_grpc import logs
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
 from tests.support import (
     RPC_TIMEOUT,
@@ -148,7 +149,7 @@ def test_metrics_count_calls_checks_statuses_and_watch_streams(start_server: Sta
     assert sample(samples, "grpc_server_handling_seconds_count", **smoke) == 1
     assert 0 < sample(samples, "grpc_server_handling_seconds_sum", **smoke) < RPC_TIMEOUT
     assert sample(samples, "grpc_server_handled_total", grpc_type="unary", grpc_service="grpc.health.v1.Health",
-                  grpc_method="Check", grpc_code="NOT_FOUND") == 1
+                  grpc_method="Check", grpc_code="NotFound") == 1
     assert sample(samples, "petsage_watch_streams") == 1
     for check in ("logging", "event_loop"):
         assert sample(samples, "petsage_check_passing", check=check, critical="true") == 1
@@ -156,7 +157,8 @@ def test_metrics_count_calls_checks_statuses_and_watch_streams(start_server: Sta
     for service in ("", "readiness", "liveness", "petsage.smoke.v1.SmokeTestService"):
         assert sample(samples, "petsage_health_serving", service=service) == 1
         assert sample(samples, "petsage_health_status_transitions_total", service=service, status="SERVING") == 1
-    assert sample(samples, "petsage_log_records_dropped_total") == 0
+    for reason in ("queue_full", "shed"):
+        assert sample(samples, "petsage_log_records_dropped_total", reason=reason) == 0
     assert sample(samples, "petsage_log_sink_write_failures_total", sink="stdout") == 0
     assert sample(samples, "process_resident_memory_bytes") > 0
 
@@ -193,27 +195,64 @@ async def burst(address: str, calls: int, concurrency: int = 64) -> int:
         return ok
 
 
-def test_records_dropped_on_a_full_log_queue_are_counted_and_reported(start_server: Start, tmp_path: Path) -> None:
+def test_access_records_are_shed_and_counted_when_the_log_queue_backs_up(start_server: Start, tmp_path: Path) -> None:
     log_file = tmp_path / "server.log"
     server, read_end, write_end = start_on_small_pipe(
         start_server, "--metrics-address", "127.0.0.1:0", "--log-file", str(log_file),
         "--log-timeout", "0.3", "--check-interval", "0.5")
     url = wait_for_file_line(log_file, r"metrics on (http://\S+)")[1]
-    stall(write_end)  # the writer blocks on stdout: records pile up in the queue (10,000 places)
+    stall(write_end)  # the writer blocks on stdout: records pile up in the queue
 
     assert asyncio.run(burst(server.address, 12_000)) == 12_000  # calls never wait on logging
     with urllib.request.urlopen(url, timeout=RPC_TIMEOUT) as answer:
         text = answer.read().decode()
-    dropped = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == "petsage_log_records_dropped_total")
-    assert dropped >= 12_000 - 10_000
+    dropped = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "petsage_log_records_dropped_total"}
+    # Access records stop being queued at half the queue (5,000 of 10,000): the rest are shed, counted.
+    assert dropped["shed"] >= 12_000 - logs.SHED_ABOVE
+    assert dropped["queue_full"] == 0
+    # So the logging check's own record still found room: the check fails on the stuck writer,
+    # not on a full queue.
+    check = server.smoke().checks[0]
+    assert "the log writer did not confirm probe" in check.detail, check.detail
     server.wait_for_health("readiness", NOT_SERVING)
 
     drained = LineLog(os.fdopen(read_end, "rb"))  # read again: the writer gets unstuck
     server.wait_for_health("readiness", SERVING)
     # The loss is also reported in the log (by the logging check), not only counted.
-    drained.wait_for(r"\d+ log record\(s\) lost since the last logging check \(queue full")
+    drained.wait_for(r"\d+ log record\(s\) lost since the last logging check \(queue full, access records shed")
     os.close(write_end)
+
+
+def test_probe_user_agent_keeps_only_health_calls_out_of_the_access_log(start_server: Start) -> None:
+    server = start_server()
+    with grpc.insecure_channel(server.address, options=(("grpc.primary_user_agent", "kube-probe/1.31"),)) as channel:
+        smoke = smoke_pb2_grpc.SmokeTestServiceStub(channel).SmokeTest(smoke_pb2.SmokeTestRequest(),
+                                                                       timeout=RPC_TIMEOUT)
+    assert smoke.status == smoke_pb2.STATUS_OK
+    server.stdout.wait_for(rf"{ACCESS}{SMOKE} OK .*kube-probe/1.31")
+
+
+def test_idle_connections_to_the_metrics_port_hold_no_more_than_a_few_threads(start_server: Start) -> None:
+    server = start_server("--metrics-address", "127.0.0.1:0")
+    host, port = metrics_address(server).split("//")[1].split("/")[0].rsplit(":", 1)
+    scrape(server)
+    before = threads_of(server.process.pid)
+    idle = [socket.create_connection((host, int(port)), timeout=RPC_TIMEOUT) for _ in range(100)]
+    try:
+        # Each idle connection is either handled (up to 16 at once) or closed at once.
+        closed = sum(1 for connection in idle[16:] if connection.recv(1) == b"")
+        assert closed >= 100 - 16 - 2
+        assert threads_of(server.process.pid) <= before + 16
+    finally:
+        for connection in idle:
+            connection.close()
+    assert sample(scrape(server), "petsage_watch_streams") == 0  # the slots came back
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
 @pytest.mark.parametrize("fault", [(), ("--log-file", "/dev/full")])
