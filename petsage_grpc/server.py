@@ -237,7 +237,7 @@ class _LoopParts:
 
             self.metrics = Metrics(owner.instance_id)
         self.observer = CallObserver(access_log=settings.access_log, log_probes=settings.log_probes,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, enqueue=pipeline.enqueue)
         self.gate = Gate(self.observer if settings.access_log or self.metrics is not None else None)
         self.health = health.HealthServicer(settings.max_watchers)
         self.watchdog = Watchdog(settings.stall_limit, self._on_stall_change)
