@@ -210,7 +210,7 @@ def _sigterm_under_load(start_server: Start, log: Path, *args: str) -> LoadRun:
 
 
 @pytest.mark.parametrize("drain", [0, 1])
-def test_sigterm_under_thousands_of_calls_per_second_loses_no_call(
+def test_sigterm_under_sustained_load_loses_no_call(
     start_server: Start, tmp_path: Path, record_property: Callable[[str, object], None], drain: int
 ) -> None:
     """SIGTERM at full load: every call OK or UNAVAILABLE, readiness NOT_SERVING first, exit 0."""

@@ -209,7 +209,8 @@ def test_access_records_are_shed_and_counted_when_the_log_queue_backs_up(start_s
     dropped = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "petsage_log_records_dropped_total"}
     # Access records stop being queued at half the queue (5,000 of 10,000): the rest are shed, counted.
-    assert dropped["shed"] >= 12_000 - logs.SHED_ABOVE
+    # (The stuck writer holds one batch it took from the queue before it blocked.)
+    assert dropped["shed"] >= 12_000 - logs.SHED_ABOVE - logs.BATCH_SIZE
     assert dropped["queue_full"] == 0
     # So the logging check's own record still found room: the check fails on the stuck writer,
     # not on a full queue.
