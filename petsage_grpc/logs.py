@@ -215,9 +215,13 @@ class LogPipeline:
             pass
         self._urgent.set()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            for sink in self.sinks:
-                sink.close()
+        if self._thread.is_alive():
+            # A stuck writer at exit: what is still queued is lost, and said so where it can be seen.
+            stderr_line(f"petsage-grpc: {self._queue.qsize()} log record(s) not written at exit: "
+                        f"the log writer is stuck (a sink write blocked for {timeout:g}s)")
+            return
+        for sink in self.sinks:
+            sink.close()
 
     # -- writer thread ----------------------------------------------------------------
     def _run(self) -> None:

@@ -270,3 +270,17 @@ def test_broken_stdout_pipe_on_a_quiet_server_is_detected_within_one_interval(
     assert time.monotonic() - started < INTERVAL + SLACK
     wait_for_file_line(tmp_path / "server.log", r"check logging is failing: stdout: \[Errno 32\] Broken pipe")
     assert_failing(server, "stdout: [Errno 32] Broken pipe")
+
+
+def test_records_a_stuck_writer_cannot_write_at_exit_are_reported_on_stderr(start_server: Start) -> None:
+    server, read_end, write_end = start_on_small_pipe(start_server)
+    stall(write_end)
+    server.smoke()  # at least its probe and access records now wait in the queue
+
+    server.signal()
+    assert server.wait() == 0  # the shutdown does not wait on logging beyond its bound
+    line = server.stderr.wait_for(r"petsage-grpc: (\d+) log record\(s\) not written at exit: the log writer "
+                                  r"is stuck")
+    assert int(line[1]) > 0
+    os.close(read_end)
+    os.close(write_end)
