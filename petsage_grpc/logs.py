@@ -139,7 +139,6 @@ class LogPipeline:
         self._dropped_lock = threading.Lock()
         self._dropped_queue = 0
         self._shed = 0
-        self._dropped_write = 0
         self._write_failures = {sink.name: 0 for sink in self.sinks}
         self.handler = _QueueHandler(self)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -167,7 +166,7 @@ class LogPipeline:
     @property
     def dropped(self) -> int:
         """Records that did not reach a sink: dropped from the queue plus failed writes per sink."""
-        return self._dropped_queue + self._shed + self._dropped_write
+        return self._dropped_queue + self._shed + sum(self._write_failures.values())
 
     def dropped_unqueued(self) -> dict[str, int]:
         """Records that reached no sink, by reason: ``queue_full`` and ``shed`` (access records under load)."""
@@ -258,7 +257,6 @@ class LogPipeline:
             if sink.error is not None:
                 errors[sink.name] = sink.error
             if not written:
-                self._dropped_write += len(records)
                 self._write_failures[sink.name] += len(records)
                 newly_failing = newly_failing or not was_failing
         if newly_failing:

@@ -96,20 +96,17 @@ class Metrics:
         # Labels are looked up once per pair, not on every call.
         self._handled_children: dict[tuple[str, grpc.StatusCode], Counter] = {}
         self._handling_children: dict[str, Histogram] = {}
-        self._lock = threading.Lock()
         self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def observe_call(self, kind: str, path: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Count one finished call (``path`` is ``/package.Service/Method``)."""
+        """Count one finished call (``path`` is ``/package.Service/Method``); event loop thread only."""
         counter = self._handled_children.get((path, code))
         histogram = self._handling_children.get(path)
         if counter is None or histogram is None:
             service, _, method = path[1:].partition("/")
-            with self._lock:
-                counter = self._handled_children[(path, code)] = self._handled.labels(
-                    kind, service, method, go_code_name(code))
-                histogram = self._handling_children[path] = self._handling.labels(kind, service, method)
+            counter = self._handled_children[(path, code)] = self._handled.labels(
+                kind, service, method, go_code_name(code))
+            histogram = self._handling_children[path] = self._handling.labels(kind, service, method)
         counter.inc()
         histogram.observe(seconds)
 
@@ -132,8 +129,7 @@ class Metrics:
             self._http = _bounded_server(host.strip("[]"), int(port), make_wsgi_app(self.registry))
         except OSError as exc:
             raise BindError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-        self._thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
         bound = f"{host}:{self._http.server_port}"
         _LOGGER.info("metrics on http://%s/metrics", bound)
         return bound

@@ -119,7 +119,7 @@ def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
         return grpc.StatusCode.OK
     if isinstance(error, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN
-    if isinstance(error, BaseException) and not isinstance(error, Exception):  # cancelled, closed
+    if not isinstance(error, Exception):  # cancelled, or the stream closed
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED

@@ -191,6 +191,14 @@ class ServerProcess:
         return self.process.returncode
 
 
+def proc_status(pid: int, field: str) -> int:
+    """An integer field of /proc/PID/status (``Threads``, or ``VmRSS`` in KiB)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
+    assert match, text
+    return int(match[1])
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python -m petsage_grpc ARGS`` to completion and capture its output."""
     return subprocess.run(

@@ -37,6 +37,7 @@ from tests.support import (
     SERVING_LINE,
     LineLog,
     ServerProcess,
+    proc_status,
     stall,
     start_on_small_pipe,
     wait_for_file_line,
@@ -78,14 +79,6 @@ def _reaped(processes: list[subprocess.Popen[bytes]]) -> Iterator[list[subproces
             if process.poll() is None:
                 process.kill()
             process.wait(RPC_TIMEOUT)
-
-
-def _proc_status(pid: int, field: str) -> int:
-    """An integer field of /proc/PID/status (``Threads``, or ``VmRSS`` in KiB)."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
-    assert match, text
-    return int(match[1])
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -292,7 +285,7 @@ def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_c
     """Checks hanging (async and on a thread), raising and leaking at 0.1 s: health stays fast and right."""
     server = _start_app(start_server, tmp_path)
     pid = server.process.pid
-    threads_healthy = min(_proc_status(pid, "Threads") for _ in range(5))
+    threads_healthy = min(proc_status(pid, "Threads") for _ in range(5))
     _steer(tmp_path, "cache", "hang")  # async, never returns
     _steer(tmp_path, "legacy", "hang")  # a plain function on its thread, never returns
     _steer(tmp_path, "wrapped", "raise quota exceeded")
@@ -300,14 +293,14 @@ def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_c
     server.stdout.wait_for("check legacy is failing: timed out after 0.5s")
     server.stdout.wait_for("check cache is failing: timed out after 0.5s")
     server.stdout.wait_for("check wrapped is failing: quota exceeded")
-    threads_hung = _proc_status(pid, "Threads")
-    rss_before = _proc_status(pid, "VmRSS")
+    threads_hung = proc_status(pid, "Threads")
+    rss_before = proc_status(pid, "VmRSS")
 
     all_serving = dict.fromkeys(("readiness", "liveness", ""), SERVING)
     latencies = _timed_checks(server, 3.0, all_serving)  # 30 runs of each misbehaving check
 
-    rss_growth_mib = (_proc_status(pid, "VmRSS") - rss_before) / 1024
-    threads_after = _proc_status(pid, "Threads")
+    rss_growth_mib = (proc_status(pid, "VmRSS") - rss_before) / 1024
+    threads_after = proc_status(pid, "Threads")
     p99, worst = _percentile(latencies, 0.99), max(latencies)
     record_property("terminal_summary", (
         f"misbehaving checks: {len(latencies)} Checks, p50 {statistics.median(latencies) * 1e3:.2f} ms, "
@@ -338,7 +331,7 @@ def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_c
     assert next(watch).status == SERVING
     watch.cancel()
     assert server.health("liveness") == SERVING
-    assert _proc_status(pid, "Threads") <= threads_hung
+    assert proc_status(pid, "Threads") <= threads_hung
 
 
 # --- Client disconnect storms --------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from tests.support import RPC_TIMEOUT, ServerProcess
+from tests.support import RPC_TIMEOUT, ServerProcess, proc_status
 
 Start = Callable[..., ServerProcess]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -43,15 +43,6 @@ def raw_call(server: ServerProcess, method: str, payload: bytes) -> Any:
     except grpc.RpcError as exc:
         return exc
     return answer
-
-
-def pid_rss(pid: int) -> int:
-    """Resident memory of ``pid`` in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.parametrize(("flags", "limit"), [((), 16 * 1024), (("--max-receive-bytes", "2048"), 2048)])
@@ -209,13 +200,13 @@ def test_five_thousand_idle_connections_cost_bounded_memory_and_are_capped(start
     server = start_server("--max-connections", str(CONNECTIONS + 1), "--idle-timeout", "3")
     host, port = server.address.rsplit(":", 1)
     assert server.smoke().status == smoke_pb2.STATUS_OK  # our own channel: one connection
-    before = pid_rss(server.process.pid)
+    before = proc_status(server.process.pid, "VmRSS") * 1024
 
     sockets, greeted = open_idle(host, int(port), CONNECTIONS + 10)
     try:
         # The cap counts our own channel too: about CONNECTIONS more accepted, the rest closed at once.
         assert CONNECTIONS - 1 <= greeted <= CONNECTIONS
-        grown = pid_rss(server.process.pid) - before
+        grown = proc_status(server.process.pid, "VmRSS") * 1024 - before
         assert grown / greeted < MAX_BYTES_PER_CONNECTION, f"{grown / greeted:.0f} bytes per connection"
         assert server.health("readiness") == SERVING  # still answering, over the connection it had
 

@@ -21,6 +21,7 @@ from tests.support import (
     RPC_TIMEOUT,
     LineLog,
     ServerProcess,
+    proc_status,
     run_cli,
     stall,
     start_on_small_pipe,
@@ -238,22 +239,17 @@ def test_idle_connections_to_the_metrics_port_hold_no_more_than_a_few_threads(st
     server = start_server("--metrics-address", "127.0.0.1:0")
     host, port = metrics_address(server).split("//")[1].split("/")[0].rsplit(":", 1)
     scrape(server)
-    before = threads_of(server.process.pid)
+    before = proc_status(server.process.pid, "Threads")
     idle = [socket.create_connection((host, int(port)), timeout=RPC_TIMEOUT) for _ in range(100)]
     try:
         # Each idle connection is either handled (up to 16 at once) or closed at once.
         closed = sum(1 for connection in idle[16:] if connection.recv(1) == b"")
         assert closed >= 100 - 16 - 2
-        assert threads_of(server.process.pid) <= before + 16
+        assert proc_status(server.process.pid, "Threads") <= before + 16
     finally:
         for connection in idle:
             connection.close()
     assert sample(scrape(server), "petsage_watch_streams") == 0  # the slots came back
-
-
-def threads_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
 @pytest.mark.parametrize("fault", [(), ("--log-file", "/dev/full")])
