@@ -32,10 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from petsage_grpc import config
-from petsage_grpc.checks import Check, CheckFailed
-from petsage_grpc.process import run
-from petsage_grpc.server import PetSageServer
+from petsage_grpc import settings
+from petsage_grpc.health import Check, CheckFailed
+from petsage_grpc.server import PetSageServer, run
 
 #: How often the steered checks run, and how long each may take.
 INTERVAL = 0.1
@@ -97,9 +96,9 @@ def _sync_check(control: Path, name: str) -> Check:
     return Check(name, steered, interval=INTERVAL, timeout=TIMEOUT, critical=False)
 
 
-def build(control: Path, settings: config.ServeSettings) -> PetSageServer:
+def build(control: Path, serve_settings: settings.ServeSettings) -> PetSageServer:
     """The server with the steered checks added."""
-    server = PetSageServer(settings)
+    server = PetSageServer(serve_settings)
     for name in ("database", "cache", "wrapped"):
         server.add_check(_async_check(control, name))
     server.add_check(_sync_check(control, "legacy"))
@@ -122,9 +121,9 @@ def main(argv: list[str]) -> int:
     """Parse ``--control`` and the serve flags, then run until a signal."""
     parser = argparse.ArgumentParser(prog="embedded_app")
     parser.add_argument("--control", type=Path, required=True)
-    config.add_arguments(parser)
+    settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(build(args.control, config.resolve(args, os.environ)), prog="embedded_app")
+    return run(build(args.control, settings.resolve(args, os.environ)), prog="embedded_app")
 
 
 if __name__ == "__main__":

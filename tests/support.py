@@ -27,6 +27,8 @@ RPC_TIMEOUT = 5.0
 #: How long a server gets to start or stop.
 PROCESS_TIMEOUT = 15.0
 SERVING_LINE = re.compile(r"serving on (\S+:\d+)")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def tool(name: str) -> str:
@@ -101,6 +103,7 @@ def wait_for_file_line(path: Path, pattern: str, timeout: float = PROCESS_TIMEOU
 
 #: The repository root: the working directory of every child process, so ``tests.*`` imports.
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 class ServerProcess:
@@ -237,3 +240,7 @@ def start_on_small_pipe(start: Callable[..., ServerProcess], *args: str) -> tupl
             output += os.read(read_end, 4096)
     server.address = match[1]
     return server, read_end, write_end
+
+
+#: The ``start_server`` fixture: starts a server process with flags and keyword options.
+Start = Callable[..., "ServerProcess"]

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from petsage_grpc import config
-from petsage_grpc.server import PetSageServer
+from petsage_grpc import settings as config
 from tests.support import ServerProcess, run_cli, tool
 
 Start = Callable[..., ServerProcess]
@@ -157,16 +154,3 @@ def test_settings_built_in_code_are_normalized() -> None:
     settings = config.ServeSettings(log_format="JSON", log_level="debug", grace=3)
 
     assert (settings.log_format, settings.log_level, settings.grace) == ("json", "DEBUG", 3.0)
-
-
-def test_readme_embedding_example_imports_what_exists() -> None:
-    example = README.read_text().split("## Embedding")[1].split("```python")[1].split("```")[0]
-    imports = re.findall(r"^from (petsage_grpc[.\w]*) import (.+)$", example, re.MULTILINE)
-
-    assert len(imports) == 4
-    for module_name, names in imports:
-        module = importlib.import_module(module_name)
-        for name in names.split(", "):
-            assert hasattr(module, name), f"{module_name}.{name}"
-    for method in re.findall(r"server\.(\w+)\(", example):
-        assert hasattr(PetSageServer, method), method

@@ -19,7 +19,7 @@ def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_generated_code_is_fresh() -> None:
-    done = run(sys.executable, "-m", "petsage_grpc._codegen", "--check")
+    done = run(sys.executable, "tools/codegen.py", "--check")
 
     assert done.returncode == 0, done.stderr
 
@@ -34,7 +34,7 @@ def test_freshness_check_fails_when_the_proto_changes(tmp_path: Path) -> None:
     assert changed != original
     proto.write_text(changed)
 
-    done = run(sys.executable, "-m", "petsage_grpc._codegen", "--check", "--root", str(tmp_path))
+    done = run(sys.executable, str(ROOT / "tools" / "codegen.py"), "--check", "--root", str(tmp_path))
 
     assert done.returncode == 1
     assert "stale generated file: petsage_grpc/_proto/smoke/v1/smoke_pb2.py" in done.stderr
@@ -47,7 +47,7 @@ def test_freshness_check_fails_on_a_hand_edit(tmp_path: Path) -> None:
     with (tmp_path / "petsage_grpc" / "_proto" / "smoke" / "v1" / "smoke_pb2_grpc.py").open("a") as edited:
         edited.write("# edited by hand\n")
 
-    done = run(sys.executable, "-m", "petsage_grpc._codegen", "--check", "--root", str(tmp_path))
+    done = run(sys.executable, str(ROOT / "tools" / "codegen.py"), "--check", "--root", str(tmp_path))
 
     assert done.returncode == 1
     assert "smoke_pb2_grpc.py" in done.stderr

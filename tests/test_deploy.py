@@ -30,7 +30,8 @@ import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # PyYAML ships no types; stubs optional
 from grpc_health.v1 import health_pb2
 
-from petsage_grpc import cli, config
+from petsage_grpc import settings as config
+from petsage_grpc.cli import dispatch as cli
 from tests.support import ROOT, ServerProcess, tool
 
 Start = Callable[..., ServerProcess]
@@ -403,7 +404,8 @@ def test_builder_copies_are_enough_to_build_the_wheel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     [wheel] = (tmp_path / "wheels").glob("petsage_grpc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"petsage_grpc/cli.py", "petsage_grpc/py.typed", "petsage_grpc/_proto/smoke/v1/smoke_pb2.py"} <= set(names)
+    expected = {"petsage_grpc/cli/dispatch.py", "petsage_grpc/py.typed", "petsage_grpc/_proto/smoke/v1/smoke_pb2.py"}
+    assert expected <= set(names)
     [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     assert "petsage-grpc = petsage_grpc.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

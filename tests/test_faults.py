@@ -29,7 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from petsage_grpc.process import new_event_loop
+from petsage_grpc.server.process import new_event_loop
 from tests.support import (
     PROCESS_TIMEOUT,
     ROOT,

@@ -38,19 +38,20 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from petsage_grpc import health
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from petsage_grpc.reflection import V1_SERVICE, V1ALPHA_SERVICE
+from petsage_grpc.health import statuses as health
+from petsage_grpc.health.servicer import SERVICE_NAME as HEALTH_SERVICE
+from petsage_grpc.server.reflection import V1_SERVICE, V1ALPHA_SERVICE
 from tests.support import RPC_TIMEOUT, ServerProcess
 
 SMOKE_SERVICE = smoke_pb2.DESCRIPTOR.services_by_name["SmokeTestService"].full_name
 SMOKE = f"/{SMOKE_SERVICE}/SmokeTest"
-CHECK = f"/{health.SERVICE_NAME}/Check"
-LIST = f"/{health.SERVICE_NAME}/List"
-WATCH = f"/{health.SERVICE_NAME}/Watch"
+CHECK = f"/{HEALTH_SERVICE}/Check"
+LIST = f"/{HEALTH_SERVICE}/List"
+WATCH = f"/{HEALTH_SERVICE}/Watch"
 REFLECTION = {version: f"/{service}/ServerReflectionInfo"
               for version, service in (("v1", V1_SERVICE), ("v1alpha", V1ALPHA_SERVICE))}
-SERVED = sorted([SMOKE_SERVICE, health.SERVICE_NAME, V1_SERVICE, V1ALPHA_SERVICE])
+SERVED = sorted([SMOKE_SERVICE, HEALTH_SERVICE, V1_SERVICE, V1ALPHA_SERVICE])
 #: Names with a health status; any other name is unknown to Check and Watch.
 HEALTH_NAMES = {health.OVERALL, health.LIVENESS, health.READINESS, SMOKE_SERVICE}
 

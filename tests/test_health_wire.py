@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from grpc_health.v1 import health_pb2
 
-from petsage_grpc import _health_wire
+from petsage_grpc.cli.probe import wire as _health_wire
 
 
 @pytest.mark.parametrize("service", ["", "readiness", "petsage.smoke.v1.SmokeTestService", "é" * 200])

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from petsage_grpc import logs
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
+from petsage_grpc.logs import setup as logs
 from tests.support import (
     SERVING_LINE,
     LineLog,

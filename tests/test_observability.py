@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from petsage_grpc import logs
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
+from petsage_grpc.logs import pipeline as logs
 from tests.support import (
     RPC_TIMEOUT,
     LineLog,

@@ -310,7 +310,7 @@ def test_signal_during_the_rpc_cancels_it(stand_in: StandIn, start_probe: Callab
 
 
 def test_readme_documents_every_probe_flag() -> None:
-    from petsage_grpc.probe import build_parser
+    from petsage_grpc.cli.probe.main import build_parser
 
     section = (ROOT / "README.md").read_text().split("## `petsage-grpc probe`")[1].split("\n## ")[0]
     flags = re.findall(r"\[(-{1,2}[a-z][\w-]*)", build_parser().format_usage())

@@ -20,7 +20,9 @@ import grpc
 from petsage_grpc import __version__
 from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
 from petsage_grpc._proto.smoke.v1 import smoke_pb2_grpc as _smoke_pb2_grpc
-from petsage_grpc.checks import CheckOutcome, CheckRunner
+from petsage_grpc.health.checks import CheckOutcome
+from petsage_grpc.health.runner import CheckRunner
+from petsage_grpc.logs.check import LOGGING_CHECK
 
 SERVICE_NAME = _smoke_pb2.DESCRIPTOR.services_by_name["SmokeTestService"].full_name
 OK_MESSAGE = "PetSage services are running and logging is active."
@@ -75,7 +77,7 @@ class SmokeTestServicer(_smoke_pb2_grpc.SmokeTestServiceServicer):
     ) -> _smoke_pb2.SmokeTestResponse:
         """Run the smoke test and report every check's outcome."""
         ran_at = time.time_ns()
-        fresh = await self._runner.run("logging")
+        fresh = await self._runner.run(LOGGING_CHECK)
         # Our own probe's outcome, not one a concurrent call may have cached since.
         outcomes = [fresh if o.name == fresh.name else o for o in self._runner.results.values()]
         status, message = summarize(outcomes)

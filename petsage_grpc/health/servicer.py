@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from petsage_grpc.checks import CheckOutcome
+from petsage_grpc.health.statuses import LIVENESS, NOT_SERVING, SERVICE_UNKNOWN, StatusValue, status_name
 
-_LOGGER = logging.getLogger(__name__)
+_LOGGER = logging.getLogger(__package__)
 
-#: A ``HealthCheckResponse.ServingStatus`` value.
-ServingStatus: TypeAlias = int
-SERVING = _health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = _health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = _health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 SERVICE_NAME = _health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-OVERALL = ""
-LIVENESS = "liveness"
-READINESS = "readiness"
 #: List answers RESOURCE_EXHAUSTED past this many services, as grpc-go does.
 MAX_LIST_SERVICES = 100
 #: Concurrent Watch streams allowed before RESOURCE_EXHAUSTED.
@@ -64,20 +55,20 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         # Written on the loop thread, except liveness, which the watchdog
         # thread alone changes after start (set_threadsafe): that thread never
         # adds a key, so iterating here on the loop is safe.
-        self._statuses: dict[str, ServingStatus] = {}
+        self._statuses: dict[str, StatusValue] = {}
         self._watchers: set[_Watcher] = set()
         self._max_watchers = max_watchers
         self._frozen: tuple[str, ...] | None = None  # once draining: the names set() may still change
         self._closing = False  # once True, open and new watches end after their first answer
         #: Called with (service, old, new) on every change, from the thread that made it.
-        self.change_listeners: list[Callable[[str, ServingStatus | None, ServingStatus], None]] = []
+        self.change_listeners: list[Callable[[str, StatusValue | None, StatusValue], None]] = []
 
     @property
     def watchers(self) -> int:
         """How many Watch streams are open."""
         return len(self._watchers)
 
-    def set(self, service: str, status: ServingStatus, reason: str = "") -> None:
+    def set(self, service: str, status: StatusValue, reason: str = "") -> None:
         """Publish ``status`` for ``service`` and wake its watchers (loop thread only).
 
         Once :meth:`drain` has been called, only the names it kept change.
@@ -85,7 +76,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         if self._store(service, status, reason):
             self._wake(service)
 
-    def set_threadsafe(self, service: str, status: ServingStatus, reason: str) -> None:
+    def set_threadsafe(self, service: str, status: StatusValue, reason: str) -> None:
         """:meth:`set` from another thread, for a service only that thread sets.
 
         The table changes at once, so a Check queued behind a stalled loop
@@ -94,7 +85,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         if self._store(service, status, reason):
             self._loop.call_soon_threadsafe(self._wake, service)
 
-    def _store(self, service: str, status: ServingStatus, reason: str) -> bool:
+    def _store(self, service: str, status: StatusValue, reason: str) -> bool:
         if self._frozen is not None and service not in self._frozen:
             return False
         old = self._statuses.get(service)
@@ -103,8 +94,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         self._statuses[service] = status
         _LOGGER.info(
             "health status of %r: %s -> %s (%s)", service,
-            "UNKNOWN" if old is None else _health_pb2.HealthCheckResponse.ServingStatus.Name(old),
-            _health_pb2.HealthCheckResponse.ServingStatus.Name(status), reason or "set",
+            "UNKNOWN" if old is None else status_name(old), status_name(status), reason or "set",
         )
         for listener in self.change_listeners:
             try:
@@ -113,7 +103,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
                 _LOGGER.exception("health change listener failed")
         return True
 
-    def statuses(self) -> dict[str, ServingStatus]:
+    def statuses(self) -> dict[str, StatusValue]:
         """A copy of the status table (safe from any thread: the copy is one C-level step)."""
         return dict(self._statuses)
 
@@ -187,10 +177,3 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         finally:
             self._watchers.discard(watcher)
 
-
-def status_from(outcomes: Iterable[CheckOutcome], passing: str) -> tuple[ServingStatus, str]:
-    """SERVING with reason ``passing`` if none of ``outcomes`` fails; else NOT_SERVING and why."""
-    failing = [o for o in outcomes if not o.ok]
-    if failing:
-        return NOT_SERVING, "; ".join(f"check {o.name} failing: {o.detail}" for o in failing)
-    return SERVING, passing

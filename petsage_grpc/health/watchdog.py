@@ -22,9 +22,11 @@ import time
 import traceback
 from collections.abc import Callable
 
-from petsage_grpc.checks import Check, CheckFailed
+from petsage_grpc.health.checks import Check, CheckFailed
 
-_LOGGER = logging.getLogger(__name__)
+_LOGGER = logging.getLogger(__package__)
+#: The name of the check that reports the watchdog's verdict.
+EVENT_LOOP_CHECK = "event_loop"
 #: How often the ticker stamps the time, and the watchdog thread looks.
 TICK = 0.05
 #: Frames of the stalled loop's stack written to the log.
@@ -119,4 +121,4 @@ def event_loop_check(watchdog: Watchdog, interval: float) -> Check:
             raise CheckFailed(f"event loop stalled for {worst:.1f}s (limit {watchdog.limit:g}s)")
         return f"longest stall {worst * 1000:.0f} ms since the last check (limit {watchdog.limit:g}s)"
 
-    return Check("event_loop", responsiveness, interval=interval, timeout=1.0)
+    return Check(EVENT_LOOP_CHECK, responsiveness, interval=interval, timeout=1.0)

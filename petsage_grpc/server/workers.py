@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from petsage_grpc.binding import BindError, bind_socket, check_bindable
+from petsage_grpc.server.binding import BindError, bind_socket, check_bindable
 
-_LOGGER = logging.getLogger(__name__)
+_LOGGER = logging.getLogger(__package__)
 #: In a worker: "I/N", its number and the number of workers.
 WORKER_ENV = "PETSAGE_GRPC_WORKER"
 #: In a worker: the address the supervisor reserved (port 0 resolved).
@@ -57,7 +57,7 @@ class Worker:
         os.close(self.ready_fd)
 
 
-def current() -> Worker | None:
+def current_worker() -> Worker | None:
     """The worker this process is, or None for a supervisor or a single process."""
     name = os.environ.get(WORKER_ENV)
     if name is None:

@@ -1,8 +1,8 @@
 """``petsage-grpc smoke``: call SmokeTest once and report the result.
 
-Exit codes (the grpc_health_probe convention): 0 status OK, 1 bad
-arguments, 2 cannot connect, 3 the RPC failed (deadline included), 4 the
-smoke test answered but not OK.  Each failure prints its own one line on
+Exit codes (:class:`~petsage_grpc.codes.ExitCode`, grpc_health_probe's
+convention): 0 status OK, 1 bad arguments, 2 cannot connect, 3 the RPC
+failed (deadline included), 4 the smoke test answered but not OK.  Each failure prints its own one line on
 stderr; the result itself goes to stdout (one JSON object with ``--json``).
 """
 
@@ -13,16 +13,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from petsage_grpc import __version__, dial
+from petsage_grpc import __version__
+from petsage_grpc.cli import dial
+from petsage_grpc.codes import ExitCode
 
 if TYPE_CHECKING:
     from petsage_grpc._proto.smoke.v1 import smoke_pb2 as _smoke_pb2
 
-EXIT_OK = 0
-EXIT_USAGE = 1
-EXIT_CONNECTION_FAILED = 2
-EXIT_RPC_FAILED = 3
-EXIT_NOT_OK = 4
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TIMEOUT = 5.0
 
@@ -79,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Call SmokeTest as ``args`` say; print the result and return the exit code."""
     problem = dial.check(args)
     if problem is not None:
-        return _fail(f"error: {problem}", EXIT_USAGE)
+        return _fail(f"error: {problem}", ExitCode.USAGE)
     dial.quiet_grpc()
     import grpc
 
@@ -91,14 +88,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         channel = dial.open_channel(args)
     except TLSError as exc:
-        return _fail(f"error: {exc}", EXIT_USAGE)
+        return _fail(f"error: {exc}", ExitCode.USAGE)
     except TimeoutError:
-        return _fail(cannot_connect, EXIT_CONNECTION_FAILED)
+        return _fail(cannot_connect, ExitCode.CONNECTION)
     with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
         except grpc.FutureTimeoutError:
-            return _fail(cannot_connect, EXIT_CONNECTION_FAILED)
+            return _fail(cannot_connect, ExitCode.CONNECTION)
         stub = _smoke_pb2_grpc.SmokeTestServiceStub(channel)
         try:
             response = stub.SmokeTest(_smoke_pb2.SmokeTestRequest(), timeout=args.rpc_timeout,
@@ -107,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
             code: grpc.StatusCode = exc.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return _fail(f"deadline exceeded: no answer from {args.addr} within {args.rpc_timeout:g}s",
-                             EXIT_RPC_FAILED)
-            return _fail(f"RPC failed: {code.name}: {exc.details()}", EXIT_RPC_FAILED)
+                             ExitCode.RPC_FAILED)
+            return _fail(f"RPC failed: {code.name}: {exc.details()}", ExitCode.RPC_FAILED)
     print(json.dumps(_as_dict(response)) if args.json else _as_text(response))
     if response.status != _smoke_pb2.STATUS_OK:
         return _fail(f"not OK: {_smoke_pb2.Status.Name(response.status)}: {response.message}",
-                     EXIT_NOT_OK)
-    return EXIT_OK
+                     ExitCode.UNHEALTHY)
+    return ExitCode.OK

@@ -1,13 +1,11 @@
-"""Health checks and the background runner that caches their results.
+"""The background runner that runs health checks and caches their latest outcomes.
 
-A check is a named function, async or not, with a timeout, an interval and
-a ``critical`` flag; it returns a short detail (or None) when it passes and
-raises when it fails.  The runner runs each check on its interval and keeps
-the latest :class:`CheckOutcome`; health answers read that cache and never
-wait on a check.  Plain (non-async) functions run on a thread of their own
-check, never on the event loop; a run that has not returned is not started
-again, so a hanging dependency holds one thread, not one per interval.
-The ``logging`` check (critical) confirms delivery through the log pipeline.
+The runner runs each check on its interval and keeps the latest
+:class:`~petsage_grpc.health.checks.CheckOutcome`; health answers read that
+cache and never wait on a check.  Plain (non-async) functions run on a
+thread of their own check, never on the event loop; a run that has not
+returned is not started again, so a hanging dependency holds one thread,
+not one per interval.
 """
 
 from __future__ import annotations
@@ -19,55 +17,11 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TypeAlias, cast
+from typing import cast
 
-from petsage_grpc.logs import LogPipeline
+from petsage_grpc.health.checks import Check, CheckFailed, CheckOutcome
 
-_LOGGER = logging.getLogger(__name__)
-
-
-#: What a check function may be: ``async def f() -> str | None`` or ``def f() -> str | None``.
-CheckFunction: TypeAlias = Callable[[], Awaitable[str | None]] | Callable[[], str | None]
-
-
-class CheckFailed(Exception):
-    """Raised by a check function to fail with a precise detail."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """A named health check.
-
-    ``func`` returns a short detail (or None) when the check passes and
-    raises (any exception) when it fails; it is given at most ``timeout``
-    seconds, every ``interval`` seconds.  A failing ``critical`` check turns
-    readiness NOT_SERVING and SmokeTest FAILING; a failing non-critical one
-    makes SmokeTest DEGRADED only.
-    """
-
-    name: str
-    func: CheckFunction
-    interval: float
-    timeout: float
-    critical: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError('"name" should not be empty')
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError(f'check {self.name!r}: "interval" and "timeout" should be > 0')
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    """One run of a check: whether it passed, why, and how long it took."""
-
-    name: str
-    ok: bool
-    detail: str
-    duration: float
-    critical: bool
+_LOGGER = logging.getLogger(__package__)
 
 
 class _Call:
@@ -215,22 +169,3 @@ class CheckRunner:
             if self._started:
                 self._on_change(self._results)
 
-
-def logging_check(pipeline: LogPipeline, timeout: float, interval: float) -> Check:
-    """The critical ``logging`` check: a probe record confirmed by every sink."""
-    reported = 0  # pipeline.dropped when last reported
-
-    async def confirm_delivery() -> str:
-        nonlocal reported
-        delivery = await pipeline.confirm(timeout)
-        lost, reported = pipeline.dropped - reported, pipeline.dropped
-        if lost:
-            _LOGGER.warning("%d log record(s) lost since the last logging check "
-                            "(queue full, access records shed under load, or a sink write failed)", lost)
-        suffix = f"; {lost} record(s) lost since the last check" if lost else ""
-        if not delivery.ok:
-            raise CheckFailed("; ".join(f"{sink}: {error}" for sink, error in delivery.errors.items()) + suffix)
-        return f"record {delivery.probe_id} delivered to {', '.join(delivery.sinks)}{suffix}"
-
-    # The outer timeout only backs up confirm()'s own, which explains itself.
-    return Check("logging", confirm_delivery, interval=interval, timeout=timeout + 1.0)

@@ -25,7 +25,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as _v1alpha_pb2
 
-_LOGGER = logging.getLogger(__name__)
+_LOGGER = logging.getLogger(__package__)
 _POOL = descriptor_pool.Default()
 V1ALPHA_SERVICE = _v1alpha_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
 V1_PACKAGE = "grpc.reflection.v1"

@@ -1,4 +1,4 @@
-"""Logging setup and the delivery-confirming log pipeline.
+"""The delivery-confirming log pipeline: a bounded queue, one writer thread, the sinks.
 
 A log call only appends the record to a bounded queue (it never blocks an
 RPC); one writer thread formats records and writes each batch to every sink
@@ -11,7 +11,6 @@ with it: that is the logging check.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -20,24 +19,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from petsage_grpc.sinks import Sink
+from petsage_grpc.logs.records import PROBE_ATTR, SHEDDABLE_ATTR
+from petsage_grpc.logs.sinks import Sink
 
 #: Logger of the probe records.
 PROBE_LOGGER = "petsage_grpc.logprobe"
-#: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
-#: the sinks, and the few start/stop lines (which name the bound port),
-#: health status changes and check transitions must stay visible.
-ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.process", "petsage_grpc.workers",
-               "petsage_grpc.health", "petsage_grpc.checks")
-#: Attribute of a probe record that carries its id.
-PROBE_ATTR = "petsage_probe_id"
-#: Attribute of a record carrying structured fields (a dict), written as keys of its JSON object.
-FIELDS_ATTR = "petsage_fields"
-TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
-#: Attribute marking a record the pipeline may shed under load (the access log's).
-SHEDDABLE_ATTR = "petsage_sheddable"
 #: Records the queue holds before new ones are dropped (and counted).
 QUEUE_SIZE = 10_000
 #: Queued records beyond which sheddable records are dropped (and counted), so
@@ -52,41 +39,6 @@ BATCH_SIZE = 256
 #: SmokeTest waits for, or a warning ends the wait at once.
 LINGER = 0.005
 _STOP = object()
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (RFC 3339, UTC), level, logger, message.
-
-    A record's structured fields (:data:`FIELDS_ATTR`, e.g. an access log
-    record's method and status code) are added as further keys.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Render ``record`` as a single-line JSON object."""
-        stamp = datetime.fromtimestamp(record.created, UTC)
-        entry: dict[str, object] = {
-            "time": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        probe_id = getattr(record, PROBE_ATTR, None)
-        if probe_id is not None:
-            entry["probe_id"] = probe_id
-        fields = getattr(record, FIELDS_ATTR, None)
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                entry.setdefault(key, value)  # never over the four standard keys
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exception"] = record.exc_text
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def make_formatter(log_format: str) -> logging.Formatter:
-    """The formatter for ``text`` (the classic line) or ``json``."""
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -295,45 +247,6 @@ def _deliver(deliveries: list[tuple[asyncio.Future[Delivery], Delivery]]) -> Non
     for future, delivery in deliveries:
         if not future.done():  # a waiter that timed out has gone
             future.set_result(delivery)
-
-
-def light_record(name: str, msg: str, args: tuple[object, ...], fields: dict[str, object]) -> logging.LogRecord:
-    """A sheddable INFO record of logger ``name``, built for :meth:`LogPipeline.enqueue` directly.
-
-    For the access log, one record per call: ``Logger.info`` spends most of
-    its time finding the caller's file and line and filling fields no format
-    of ours writes.  ``args`` must be immutable: the writer thread formats
-    the message later.
-    """
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    now = time.time()
-    record.__dict__.update({
-        "name": name, "msg": msg, "args": args, "levelname": "INFO", "levelno": logging.INFO,
-        "pathname": "", "filename": "", "module": "", "lineno": 0, "funcName": "",
-        "exc_info": None, "exc_text": None, "stack_info": None,
-        "created": now, "msecs": (now - int(now)) * 1000,
-        "thread": None, "threadName": None, "processName": None, "process": None, "taskName": None,
-        FIELDS_ATTR: fields, SHEDDABLE_ATTR: True,
-    })
-    return record
-
-
-def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline:
-    """Route every log record of the process through a new :class:`LogPipeline`.
-
-    Only the entry point calls this.  Any handler already on the root logger
-    is replaced, so each record is written exactly once.
-    """
-    pipeline = LogPipeline(sinks, make_formatter(log_format))
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(pipeline.handler)
-    root.setLevel(level)
-    for name in ALWAYS_INFO:
-        logging.getLogger(name).setLevel(min(logging.INFO, root.level))
-    logging.captureWarnings(True)
-    return pipeline
 
 
 def stderr_line(text: str) -> None:

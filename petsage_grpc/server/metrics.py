@@ -27,7 +27,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from grpc_health.v1 import health_pb2 as _health_pb2
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -41,16 +40,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from petsage_grpc import __version__
-from petsage_grpc.binding import BindError
-from petsage_grpc.checks import CheckOutcome
+from petsage_grpc.codes import go_name
+from petsage_grpc.health.checks import CheckOutcome
+from petsage_grpc.health.statuses import SERVING, status_name
+from petsage_grpc.server.binding import BindError
 
-_LOGGER = logging.getLogger(__name__)
+_LOGGER = logging.getLogger(__package__)
 #: Call latency buckets, seconds: a health check answers in well under a
 #: millisecond, a SmokeTest in about one, and the slowest calls wait on the
 #: log timeout (1 s by default).
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CHECK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
-_STATUS_NAMES = _health_pb2.HealthCheckResponse.ServingStatus.Name
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Metrics:
         if counter is None or histogram is None:
             service, _, method = path[1:].partition("/")
             counter = self._handled_children[(path, code)] = self._handled.labels(
-                kind, service, method, go_code_name(code))
+                kind, service, method, go_name(code))
             histogram = self._handling_children[path] = self._handling.labels(kind, service, method)
         counter.inc()
         histogram.observe(seconds)
@@ -116,7 +116,7 @@ class Metrics:
 
     def observe_transition(self, service: str, _old: int | None, new: int) -> None:
         """Count one change of a published health status."""
-        self._transitions.labels(service, _STATUS_NAMES(new)).inc()
+        self._transitions.labels(service, status_name(new)).inc()
 
     def watch(self, state: ServerState) -> None:
         """Export the server's own state, read at every scrape."""
@@ -198,15 +198,6 @@ def _bounded_server(host: str, port: int, app: Any) -> _BoundedServer:
     return server
 
 
-def go_code_name(code: grpc.StatusCode) -> str:
-    """The status code as grpc-go spells it (``NotFound``, ``Canceled``), as gRPC dashboards expect."""
-    if code is grpc.StatusCode.OK:
-        return "OK"
-    if code is grpc.StatusCode.CANCELLED:
-        return "Canceled"
-    return "".join(word.capitalize() for word in code.name.split("_"))
-
-
 class _StateCollector(Collector):
     """Builds gauges from the server's state when Prometheus scrapes."""
 
@@ -224,7 +215,7 @@ class _StateCollector(Collector):
         statuses = GaugeMetricFamily("petsage_health_serving", "1 while a published health status is "
                                      "SERVING, else 0.", labels=["service"])
         for service, status in sorted(state.statuses().items()):
-            statuses.add_metric([service], 1 if status == _health_pb2.HealthCheckResponse.SERVING else 0)
+            statuses.add_metric([service], 1 if status == SERVING else 0)
         yield statuses
         passing = GaugeMetricFamily("petsage_check_passing", "1 while a check's latest run passed, else 0.",
                                     labels=["check", "critical"])

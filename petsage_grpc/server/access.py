@@ -1,7 +1,7 @@
 """What the server records about each call: an access log record and call metrics.
 
-The gate (:mod:`petsage_grpc.gate`) wraps every handler, so it times every
-call and knows how it ended; it hands that to :meth:`CallObserver.finished`.
+Every handler is wrapped (:mod:`petsage_grpc.server.handlers`), so every
+call is timed and how it ended is known; it hands that to :meth:`CallObserver.finished`.
 One access log record per call, of the logger ``petsage_grpc.access`` (whose
 level it follows), goes straight into the log pipeline, to the same sinks as
 every other record, without the cost of ``Logger.info``: method, status
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
-from petsage_grpc.logs import light_record
+from petsage_grpc.logs.records import light_record
 
 if TYPE_CHECKING:
-    from petsage_grpc.metrics import Metrics
+    from petsage_grpc.server.metrics import Metrics
 
 ACCESS_LOGGER = "petsage_grpc.access"
 #: User agents of probes; grpc appends its own after the caller's, so these are prefixes.
@@ -61,6 +61,11 @@ class CallObserver:
         self._metrics = metrics
         #: Probe calls left out of the access log (read by the metrics at scrape time).
         self.unlogged_probe_calls = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether calls need observing at all: the access log is on, or metrics are kept."""
+        return self._access_log or self._metrics is not None
 
     def begin(self, context: grpc.aio.ServicerContext, health: bool) -> CallStart:
         """Note what a record needs at a call's start, while grpc still holds the call.
@@ -96,7 +101,7 @@ class CallObserver:
                   "peer": start.peer, "user_agent": start.user_agent, "request_id": start.request_id}
         # The caller's strings are quoted as JSON strings: a newline or a quote
         # in a header cannot forge a second record or field.  Access records
-        # may be shed when the log queue fills (see logs.SHEDDABLE_ATTR).
+        # may be shed when the log queue fills (see logs.records.SHEDDABLE_ATTR).
         self._enqueue(light_record(
             ACCESS_LOGGER, "%s %s %.3fms peer=%s user_agent=%s request_id=%s",
             (path, code.name, seconds * 1000, start.peer, json.dumps(start.user_agent),

@@ -1,8 +1,10 @@
-"""The ``petsage-grpc`` command: ``serve``, ``smoke`` and ``probe``.
+"""Dispatching ``petsage-grpc COMMAND ...`` to ``serve``, ``smoke`` or ``probe``.
 
 ``main(argv, environ)`` returns the exit code.  It reads the environment
 (handing it to each subcommand) and leaves logging and signal handling to
-:func:`petsage_grpc.process.run`.
+:func:`petsage_grpc.server.run`.  Each subcommand is imported only when it
+runs (or when ``--help`` lists them): the probe, an exec probe timed as a
+whole process, imports nothing the others need.
 """
 
 from __future__ import annotations
@@ -13,24 +15,22 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from petsage_grpc import __version__, config
-
-#: Exit code for bad flags or settings, in every subcommand (as grpc_health_probe).
-EXIT_USAGE = config.EXIT_BAD_SETTING
+from petsage_grpc import __version__
+from petsage_grpc.codes import ExitCode
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors exit with :data:`EXIT_USAGE`."""
+    """An argument parser whose usage errors exit with :attr:`ExitCode.USAGE`."""
 
     def error(self, message: str) -> NoReturn:
-        """Print the usage and ``message``, then exit with :data:`EXIT_USAGE`."""
+        """Print the usage and ``message``, then exit with :attr:`ExitCode.USAGE`."""
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from petsage_grpc import smoke_cli
+    from petsage_grpc.cli import serve, smoke
 
     parser = _Parser(
         prog="petsage-grpc",
@@ -38,31 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser(
-        "serve",
-        help="run the server",
-        description="Serve SmokeTestService, grpc.health.v1.Health and reflection. "
-        f"Every flag may also be set by its {config.ENV_PREFIX}<FLAG> variable; flags win.",
-    )
-    config.add_arguments(serve)
-    smoke_cli.add_parser(commands)
+    serve.add_parser(commands)
+    smoke.add_parser(commands)
     # Listed for --help only: main() hands "probe" to its own parser first.
     commands.add_parser("probe", add_help=False,
                         help="check health as grpc_health_probe does (same flags, exit codes and messages)")
     parser.set_defaults(subparsers=commands.choices)
     return parser
-
-
-def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Validate settings, then run the server until a signal."""
-    from petsage_grpc import process, server
-
-    try:
-        settings = config.resolve(args, environ)
-    except config.SettingError as exc:
-        print(f"petsage-grpc serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return process.run(server.PetSageServer(settings))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -72,7 +54,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # The probe parses its own flags (grpc_health_probe's one-line errors),
         # skips building the other subcommands and ends the process itself:
         # it runs as an exec probe, timed as a whole process.
-        from petsage_grpc import probe
+        from petsage_grpc.cli.probe import main as probe
 
         return probe.main(argv[1:], exit_process=True)
     parser = build_parser()
@@ -81,10 +63,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if extra:  # reported by the subcommand, whose usage says what it takes
             args.subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version and usage errors
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     environ = os.environ if environ is None else environ
     if args.command == "serve":
-        return _serve(args, environ)
-    from petsage_grpc import smoke_cli
+        from petsage_grpc.cli import serve
 
-    return smoke_cli.run(args)
+        return serve.run(args, environ)
+    from petsage_grpc.cli import smoke
+
+    return smoke.run(args)

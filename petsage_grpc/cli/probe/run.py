@@ -2,7 +2,7 @@
 
 Imported only then, because it imports grpc.  Every wait here is a wait on
 one event that grpc's callbacks set, checked against a deadline and the
-:class:`~petsage_grpc.probe.Stop` flag, so a signal ends the probe at once
+:class:`~petsage_grpc.cli.probe.stop.Stop` flag, so a signal ends the probe at once
 and nothing blocks past its timeout.
 """
 
@@ -13,27 +13,19 @@ import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
-from petsage_grpc import _health_wire, dial
-from petsage_grpc.probe import EXIT_CONNECTION_FAILED, EXIT_RPC_FAILED, EXIT_UNHEALTHY, EXIT_USAGE, SIGNAL_LATENCY
+from petsage_grpc.cli import dial
+from petsage_grpc.cli.probe import wire
+from petsage_grpc.cli.probe.stop import SIGNAL_LATENCY, Stop
+from petsage_grpc.codes import ExitCode, go_name
 from petsage_grpc.tls import TLSError
-
-if TYPE_CHECKING:
-    from petsage_grpc.probe import Stop
 
 #: ``--wait`` retries after 0.1 s, then twice as long each time, up to 1 s.
 _FIRST_RETRY, _MAX_RETRY = 0.1, 1.0
 _CANCELLED = "context canceled"  # what grpc_health_probe's Go runtime says
-
-
-def go_code(code: grpc.StatusCode) -> str:
-    """A status code as Go names it: ``NotFound``, ``DeadlineExceeded``, ``Canceled``."""
-    if code is grpc.StatusCode.CANCELLED:
-        return "Canceled"
-    return "OK" if code is grpc.StatusCode.OK else "".join(p.capitalize() for p in code.name.split("_"))
 
 
 @dataclass
@@ -85,7 +77,7 @@ class _Runner:
         ready = grpc.channel_ready_future(channel)
         if not self.wait([ready], started + args.connect_timeout):
             ready.cancel()
-            result.exit_code = EXIT_CONNECTION_FAILED
+            result.exit_code = ExitCode.CONNECTION
             result.error = (f'error: failed to connect service at "{args.addr}": {_CANCELLED}' if self.stop.requested
                             else f'timeout: failed to connect service "{args.addr}" within '
                                  f"{dial.format_duration(args.connect_timeout)}")
@@ -132,32 +124,32 @@ class _Runner:
                     f"(grpc.health.v1.Health{method}): {details}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"timeout: health {what} did not complete within {dial.format_duration(self.args.rpc_timeout)}"
-        return f"error: health {what} failed: rpc error: code = {go_code(code)} desc = {details}"
+        return f"error: health {what} failed: rpc error: code = {go_name(code)} desc = {details}"
 
     def check_each(self, channel: grpc.Channel, result: Attempt, services: list[str]) -> None:
-        check = channel.unary_unary(_health_wire.CHECK, request_serializer=_health_wire.encode_check_request,
-                                    response_deserializer=_health_wire.decode_check_response)
+        check = channel.unary_unary(wire.CHECK, request_serializer=wire.encode_check_request,
+                                    response_deserializer=wire.decode_check_response)
         for service, (status, error, seconds) in zip(services, self.calls(check, services), strict=True):
             entry = ServiceResult(service, rpc_seconds=seconds)
             if error is not None:
-                entry.error, entry.exit_code = self.describe(error, "rpc"), EXIT_RPC_FAILED
+                entry.error, entry.exit_code = self.describe(error, "rpc"), ExitCode.RPC_FAILED
             else:
-                entry.status = _health_wire.status_name(status)
-                entry.exit_code = 0 if status == _health_wire.SERVING else EXIT_UNHEALTHY
+                entry.status = wire.status_name(status)
+                entry.exit_code = ExitCode.OK if status == wire.SERVING else ExitCode.UNHEALTHY
             result.services.append(entry)
 
     def list_all(self, channel: grpc.Channel, result: Attempt) -> None:
-        method = channel.unary_unary(_health_wire.LIST, request_serializer=_health_wire.encode_list_request,
-                                     response_deserializer=_health_wire.decode_list_response)
+        method = channel.unary_unary(wire.LIST, request_serializer=wire.encode_list_request,
+                                     response_deserializer=wire.decode_list_response)
         [(statuses, error, seconds)] = self.calls(method, [None])
         if error is not None:
-            result.exit_code, result.error = EXIT_RPC_FAILED, self.describe(error, "list")
+            result.exit_code, result.error = ExitCode.RPC_FAILED, self.describe(error, "list")
             return
         for service, status in sorted(statuses.items()):
-            result.services.append(ServiceResult(service, _health_wire.status_name(status), None,
-                                                 0 if status == _health_wire.SERVING else EXIT_UNHEALTHY, seconds))
+            code = ExitCode.OK if status == wire.SERVING else ExitCode.UNHEALTHY
+            result.services.append(ServiceResult(service, wire.status_name(status), None, code, seconds))
         if not result.services:
-            result.exit_code, result.error = EXIT_UNHEALTHY, "service unhealthy (List named no services)"
+            result.exit_code, result.error = ExitCode.UNHEALTHY, "service unhealthy (List named no services)"
 
 
 class _Cancelled(grpc.RpcError):
@@ -205,9 +197,9 @@ def run(args: argparse.Namespace, stop: Stop, *, close_channel: bool = True) -> 
                 attempt = runner.attempt(channel)
             except TLSError as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                return EXIT_USAGE
+                return ExitCode.USAGE
             except TimeoutError:  # -tls-no-verify found no certificate to trust
-                attempt = Attempt(EXIT_CONNECTION_FAILED, f'timeout: failed to connect service "{args.addr}" '
+                attempt = Attempt(ExitCode.CONNECTION, f'timeout: failed to connect service "{args.addr}" '
                                                           f"within {dial.format_duration(args.connect_timeout)}")
             remaining = started + args.wait - time.monotonic()
             if attempt.exit_code == 0 or stop.requested or remaining <= 0:

@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from petsage_grpc import __version__, dial
+from petsage_grpc import __version__
+from petsage_grpc.cli import dial
+from petsage_grpc.cli.probe.stop import Stop
+from petsage_grpc.codes import ExitCode
 
-EXIT_SERVING = 0
-EXIT_USAGE = 1
-EXIT_CONNECTION_FAILED = 2
-EXIT_RPC_FAILED = 3
-EXIT_UNHEALTHY = 4
-#: Longest any wait goes without looking whether a signal arrived.
-SIGNAL_LATENCY = 0.05
 #: grpc_health_probe's defaults: one second each, and its user agent.
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_USER_AGENT = "grpc_health_probe"
@@ -41,8 +34,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``error: ...`` line and exit code 1, as grpc_health_probe."""
 
     def error(self, message: str) -> NoReturn:
-        """Print ``message`` on one line and exit with :data:`EXIT_USAGE`."""
-        self.exit(EXIT_USAGE, f"error: {message}\n")
+        """Print ``message`` on one line and exit with :attr:`ExitCode.USAGE`."""
+        self.exit(ExitCode.USAGE, f"error: {message}\n")
 
 
 def build_parser(prog: str = "petsage-grpc probe") -> argparse.ArgumentParser:
@@ -72,36 +65,6 @@ def _check_extras(args: argparse.Namespace) -> str | None:
     return None
 
 
-class Stop:
-    """SIGTERM and SIGINT set a flag that the probe's waits look at: no exception mid-call.
-
-    ``wake`` is set by grpc's callbacks (never by the handler: setting an
-    event takes a lock the interrupted main thread may hold), so waits on it
-    also wake every :data:`SIGNAL_LATENCY` to look at the flag.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.wake = threading.Event()
-
-    def sleep(self, seconds: float) -> bool:
-        """Pause ``seconds``; False, at once, if a signal arrives meanwhile."""
-        end = time.monotonic() + seconds
-        while not self.requested and (remaining := end - time.monotonic()) > 0:
-            time.sleep(min(remaining, SIGNAL_LATENCY))
-        return not self.requested
-
-    def install(self) -> None:
-        """Handle SIGTERM and SIGINT from now on (main thread only)."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        # A flag only: printing or locking here could re-enter what the main
-        # thread was doing when the signal arrived.
-        self.requested = True
-
-
 def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> int:
     """Run the probe with ``argv`` (default ``sys.argv[1:]``) and return its exit code.
 
@@ -112,20 +75,20 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     if args.version:
         print(f"petsage-grpc probe {__version__}")
-        return EXIT_SERVING
+        return ExitCode.OK
     problem = dial.check(args) or _check_extras(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     dial.quiet_grpc()
-    from petsage_grpc import _probe_run
+    from petsage_grpc.cli.probe.run import run  # imports grpc: only once the arguments are valid
 
     stop = Stop()
     stop.install()
-    code = _probe_run.run(args, stop, close_channel=not exit_process)
+    code = run(args, stop, close_channel=not exit_process)
     if exit_process:
         exit_now(code)
     return code

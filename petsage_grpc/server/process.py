@@ -2,7 +2,9 @@
 
 :func:`run` is what ``petsage-grpc serve`` does with its settings, and what a
 service embedding the server calls from its own ``main``.  It is the only
-place that configures logging and installs signal handlers.
+place that configures logging and installs signal handlers, and the one
+place that decides whether this process supervises workers, is one of them,
+or serves alone.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ import os
 import signal
 import sys
 
-from petsage_grpc import __version__, logs, workers
-from petsage_grpc.binding import BindError
-from petsage_grpc.config import EXIT_BAD_SETTING, SettingError
-from petsage_grpc.server import PetSageServer, load_credentials
-from petsage_grpc.sinks import FileSink, Sink, StdoutSink
+from petsage_grpc import __version__
+from petsage_grpc.codes import ExitCode
+from petsage_grpc.logs.pipeline import LogPipeline, stderr_line
+from petsage_grpc.logs.setup import configure
+from petsage_grpc.logs.sinks import FileSink, Sink, StdoutSink
+from petsage_grpc.server.binding import BindError
+from petsage_grpc.server.lifecycle import PetSageServer
+from petsage_grpc.server.workers import Worker, current_worker, supervise
+from petsage_grpc.settings import SettingError
 
-_LOGGER = logging.getLogger(__name__)
-#: Exit code of :func:`run` when it cannot listen on its address.
-EXIT_CANNOT_LISTEN = 2
+_LOGGER = logging.getLogger(__package__)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -38,8 +42,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-async def serve(server: PetSageServer, pipeline: logs.LogPipeline) -> int:
-    """Run ``server`` until a signal (or, in a worker, its supervisor's exit); return the exit code."""
+async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | None = None) -> int:
+    """Run ``server`` until a signal (or, as ``worker``, its supervisor's exit); return the exit code."""
     loop = asyncio.get_running_loop()
     _LOGGER.info("petsage-grpc %s starting (instance %s, logging to %s)",
                  __version__, server.instance_id, ", ".join(s.name for s in pipeline.sinks))
@@ -48,7 +52,7 @@ async def serve(server: PetSageServer, pipeline: logs.LogPipeline) -> int:
     def on_signal(signum: int) -> None:
         # Called by the loop (add_signal_handler), not in signal context: logging is safe.
         if stopping.is_set():
-            logs.stderr_line(f"petsage-grpc: second {signal.Signals(signum).name}: exiting at once")
+            stderr_line(f"petsage-grpc: second {signal.Signals(signum).name}: exiting at once")
             os._exit(128 + signum)
         _LOGGER.info("received %s: shutting down (drain %gs, grace %gs)",
                      signal.Signals(signum).name, server.settings.drain, server.settings.grace)
@@ -62,10 +66,15 @@ async def serve(server: PetSageServer, pipeline: logs.LogPipeline) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    if server.worker is not None:
-        loop.add_reader(server.worker.lifeline_fd, on_orphaned, server.worker.lifeline_fd)
+    if worker is not None:
+        loop.add_reader(worker.lifeline_fd, on_orphaned, worker.lifeline_fd)
     try:
-        await server.start(pipeline)
+        if worker is None:
+            _LOGGER.info("serving on %s", await server.start(pipeline))
+        else:  # the port its supervisor reserved, shared with the other workers
+            address = await server.start(pipeline, address=worker.address, share_port=True)
+            _LOGGER.info("worker %s ready on %s", worker.name, address)
+            worker.report_ready()
         await stopping.wait()
         await server.shutdown()
     finally:
@@ -79,33 +88,33 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
 
     Sets up logging from the server's settings (stdout, plus ``log_file``),
     serves until SIGTERM/SIGINT (with ``workers`` > 1, supervises that many
-    server processes instead), and turns a log file or TLS file it cannot use
-    (:data:`~petsage_grpc.config.EXIT_BAD_SETTING`) or an address it cannot
-    listen on (:data:`EXIT_CANNOT_LISTEN`) into one line on stderr, prefixed
-    ``prog``.
+    server processes instead, each of which runs this again), and turns a
+    log file or TLS file it cannot use (:attr:`ExitCode.USAGE`) or an
+    address it cannot listen on (:attr:`ExitCode.CONNECTION`) into one line
+    on stderr, prefixed ``prog``.
     """
     settings = server.settings
-    pipeline: logs.LogPipeline | None = None
+    worker = current_worker()
+    pipeline: LogPipeline | None = None
     try:
-        if settings.tls_cert is not None:
-            load_credentials(settings)  # here too, so that bad files stop a supervisor before any worker starts
+        _ = server.tls_credentials  # loaded now: bad files stop a supervisor before any worker starts
         sinks: list[Sink] = [StdoutSink()]
         if settings.log_file is not None:
             try:
                 sinks.append(FileSink(settings.log_file))
             except OSError as exc:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
-        pipeline = logs.configure(sinks, settings.log_format, settings.log_level)
-        if settings.workers > 1 and server.worker is None:
-            return workers.supervise(settings.address, settings.workers)
+        pipeline = configure(sinks, settings.log_format, settings.log_level)
+        if settings.workers > 1 and worker is None:
+            return supervise(settings.address, settings.workers)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(server, pipeline))
+            return runner.run(serve(server, pipeline, worker))
     except SettingError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTING
+        return ExitCode.USAGE
     except BindError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_LISTEN
+        return ExitCode.CONNECTION
     finally:
         if pipeline is not None:
             pipeline.close()

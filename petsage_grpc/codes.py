@@ -1,0 +1,43 @@
+"""Codes every part shares: the exit codes of the commands and the server, and gRPC codes as Go spells them.
+
+The exit codes follow grpc_health_probe's contract (0 serving, 1 bad
+arguments, 2 connection failure, 3 RPC failure, 4 not serving), which
+``probe`` must keep to the letter and ``smoke`` and ``serve`` share, so a
+script reads every command the same way.  A process ended by a second
+signal N exits 128+N, as a shell reports it; that is not a member here.
+
+This module imports nothing heavy: the probe imports it before grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+
+class ExitCode(enum.IntEnum):
+    """How every ``petsage-grpc`` command ends."""
+
+    #: SERVING (``probe``), status OK (``smoke``), a graceful stop (``serve``).
+    OK = 0
+    #: Bad arguments or settings, or a TLS or log file that cannot be used; nothing was started.
+    USAGE = 1
+    #: No connection (``probe``, ``smoke``), or no listening socket (``serve``: e.g. the port is taken).
+    CONNECTION = 2
+    #: The call failed (an error status or the deadline).
+    RPC_FAILED = 3
+    #: The server answered, but not SERVING (``probe``) or not OK (``smoke``).
+    UNHEALTHY = 4
+
+
+def go_name(code: grpc.StatusCode) -> str:
+    """``code`` as grpc-go spells it: ``OK``, ``NotFound``, ``DeadlineExceeded``, ``Canceled``.
+
+    grpc_health_probe prints these, and go-grpc-prometheus labels calls with them.
+    """
+    if code.name == "CANCELLED":
+        return "Canceled"
+    return "OK" if code.name == "OK" else "".join(word.capitalize() for word in code.name.split("_"))

@@ -1,0 +1,42 @@
+"""Routing every log record of the process through one :class:`~petsage_grpc.logs.pipeline.LogPipeline`.
+
+Only the entry point (:func:`petsage_grpc.server.process.run`) calls
+:func:`configure`: nothing configures logging at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from petsage_grpc.logs.pipeline import PROBE_LOGGER, LogPipeline
+from petsage_grpc.logs.records import TEXT_FORMAT, JsonFormatter
+from petsage_grpc.logs.sinks import Sink
+
+#: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
+#: the sinks, and the few start/stop lines (which name the bound port),
+#: health status changes, check transitions and lost records must stay visible.
+ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.health", "petsage_grpc.logs")
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    """The formatter for ``text`` (the classic line) or ``json``."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline:
+    """Route every log record of the process through a new :class:`LogPipeline`.
+
+    Only the entry point calls this.  Any handler already on the root logger
+    is replaced, so each record is written exactly once.
+    """
+    pipeline = LogPipeline(sinks, make_formatter(log_format))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(pipeline.handler)
+    root.setLevel(level)
+    for name in ALWAYS_INFO:
+        logging.getLogger(name).setLevel(min(logging.INFO, root.level))
+    logging.captureWarnings(True)
+    return pipeline

@@ -1,0 +1,216 @@
+"""Settings of ``petsage-grpc serve``, read from flags and ``PETSAGE_GRPC_*`` variables.
+
+Each setting is declared once, as a field of :class:`ServeSettings` with its
+default, parser, metavar and help (:func:`setting`); the flag table of
+``serve --help`` (:func:`add_arguments`), the README's configuration table
+and :data:`SETTINGS` all derive from those fields.  The flag ``--log-file``
+reads the variable ``PETSAGE_GRPC_LOG_FILE`` when the flag is absent; flags
+win.  A bad value raises :class:`SettingError` naming the setting and where
+the value came from, so the program stops before it binds with one precise
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from petsage_grpc.values import (
+    GRPC_SECONDS_MAX,
+    choice,
+    count,
+    parse_address,
+    path,
+    seconds,
+    switch,
+    tcp_address,
+)
+
+ENV_PREFIX = "PETSAGE_GRPC_"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SMOKE_DETAILS = ("full", "status")
+#: Seconds an unanswered keepalive ping may wait before its connection is closed.
+KEEPALIVE_TIMEOUT = 20.0
+#: Keepalive pings a client may send too soon before its connection is closed.
+PING_STRIKES = 2
+_SPEC = "petsage_setting"
+_T = TypeVar("_T")
+
+
+class SettingError(ValueError):
+    """A setting has a value the server cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    parse: Callable[[str], Any]
+    metavar: str | None  # None: an on/off setting whose flag (--NAME or --no-NAME) takes no value
+    help: str
+
+
+def setting(default: _T, parse: Callable[[str], Any], metavar: str | None, help: str) -> _T:
+    """Declare a field of :class:`ServeSettings`: its default, parser, flag metavar and help.
+
+    ``metavar`` None makes an on/off switch: its flag takes no value.
+    """
+    return dataclasses.field(default=default, metadata={_SPEC: _Spec(parse, metavar, help)})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Validated settings of one ``serve`` run; the defaults suit a developer's laptop."""
+
+    address: str = setting("[::]:50051", parse_address, "HOST:PORT",
+                           "address to listen on; port 0 picks a free port and the log names it")
+    log_format: str = setting("text", choice(LOG_FORMATS, str.lower), "{text,json}",
+                              "log line format: text (classic) or json (one object per line)")
+    log_file: str | None = setting(None, path, "PATH",
+                                   "also append every log record to this file (stdout is always a sink)")
+    log_level: str = setting("INFO", choice(LOG_LEVELS, str.upper), "LEVEL",
+                             "lowest level logged; start/stop lines, health changes and the logging probe "
+                             "are always written")
+    grace: float = setting(10.0, seconds(0, True), "SECONDS",
+                           "on SIGTERM/SIGINT, seconds in-flight calls get to finish")
+    log_timeout: float = setting(1.0, seconds(0, False), "SECONDS",
+                                 "seconds the logging check waits for every sink to confirm its record")
+    check_interval: float = setting(10.0, seconds(0, False), "SECONDS",
+                                    "seconds between background runs of each built-in check")
+    drain: float = setting(0.0, seconds(0, True), "SECONDS",
+                           "on SIGTERM/SIGINT, seconds to keep serving with readiness NOT_SERVING before "
+                           "Watch streams end and new calls are refused (let load balancers notice)")
+    # grpc's pending-call limit is this plus 1,000 (server.running.PENDING_HEADROOM); a watcher costs ~25 KiB.
+    max_watchers: int = setting(10_000, count(1, 1_000_000), "N",
+                                "concurrent Health/Watch streams allowed; more get RESOURCE_EXHAUSTED")
+    # The watchdog looks every 0.05 s: a smaller limit would call ordinary jitter a stall.
+    stall_limit: float = setting(2.0, seconds(0.5, True), "SECONDS",
+                                 "seconds the event loop may go without running before liveness turns NOT_SERVING")
+    tls_cert: str | None = setting(None, path, "PATH", "serve TLS with this PEM certificate chain (with --tls-key)")
+    tls_key: str | None = setting(None, path, "PATH", "the PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(None, path, "PATH",
+                                        "require client certificates signed by these PEM CA certificates (mTLS)")
+    reflection: bool = setting(True, switch, None, "do not serve reflection (the variable takes true or false)")
+    workers: int = setting(1, count(1, 256), "N",
+                           "server processes sharing the port (SO_REUSEPORT); one per core uses every core")
+    # Our own requests are a few bytes (a service name, a reflection symbol).
+    max_receive_bytes: int = setting(16 * 1024, count(1024), "BYTES",
+                                     "largest request message accepted; larger ones get RESOURCE_EXHAUSTED")
+    max_streams: int = setting(1_000, count(1), "N",
+                               "concurrent calls (streams) one connection may have open; more wait for a free one")
+    # An idle connection costs the server about 17 KiB (tests/test_limits.py): the cap bounds that memory.
+    max_connections: int = setting(10_000, count(1), "N",
+                                   "open connections accepted; further ones are closed at once (bounds memory)")
+    idle_timeout: float = setting(300.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
+                                  "close a connection that has had no call in flight for this long")
+    keepalive_time: float = setting(60.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
+                                    "ping a connection after this long without traffic; close it if the ping goes "
+                                    f"unanswered for {KEEPALIVE_TIMEOUT:g}s (finds Watch clients that vanished)")
+    keepalive_min_interval: float = setting(10.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
+                                            "shortest interval allowed between a client's keepalive pings; after "
+                                            f"{PING_STRIKES} more pings sooner the connection is closed "
+                                            "(GOAWAY too_many_pings)")
+    metrics_address: str | None = setting(None, tcp_address, "HOST:PORT",
+                                          "serve Prometheus metrics over HTTP at http://ADDRESS/metrics")
+    access_log: bool = setting(True, switch, None,
+                               "do not write an access log record per call (the variable takes true or false)")
+    log_probes: bool = setting(False, switch, None,
+                               "also log health checks from probes (user agents kube-probe/*, grpc_health_probe, "
+                               "petsage-grpc probe), which are otherwise only counted")
+    smoke_details: str = setting("full", choice(SMOKE_DETAILS, str.lower), "{full,status}",
+                                 "what SmokeTest answers: full (checks and server info) or status (status, message "
+                                 "and timestamp only, for callers who are not trusted)")
+
+    def __post_init__(self) -> None:
+        # Settings built in code (by a service embedding the server) get the
+        # same checks as flags; parsing also normalizes, e.g. "json" or "info".
+        for row in SETTINGS:
+            value = getattr(self, row.name)
+            if value is None and row.default is None:
+                continue
+            try:
+                object.__setattr__(self, row.name, row.parse(str(value)))
+            except ValueError as exc:
+                raise SettingError(f"{row.name!r} {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingError("--tls-cert and --tls-key go together: give both to serve TLS")
+        if self.workers > 1 and self.address.startswith("unix:"):
+            raise SettingError("--workers needs a HOST:PORT address: workers share a TCP port")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
+        if self.metrics_address is not None and self.workers > 1:
+            raise SettingError("--metrics-address serves one process's metrics: use it with --workers 1 "
+                               "(run more pods, not more workers, to scale a scraped server)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value as its field declares it: flag, environment variable, parser, help."""
+
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    metavar: str | None
+    help: str
+
+    @property
+    def default_text(self) -> str:
+        """The default as ``--help`` and the README show it: ``none``, ``on``/``off`` or the value."""
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        return str(self.default)
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--log-file``.
+
+        An on/off setting's flag flips its default: ``--no-reflection`` for
+        one that is on, ``--log-probes`` for one that is off.
+        """
+        negate = self.metavar is None and self.default is True
+        return ("--no-" if negate else "--") + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        """The environment variable, e.g. ``PETSAGE_GRPC_LOG_FILE``."""
+        return ENV_PREFIX + self.name.upper()
+
+
+#: Every setting, in the order of :class:`ServeSettings`' fields.
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(field.name, field.default, spec.parse, spec.metavar, spec.help)
+    for field in dataclasses.fields(ServeSettings)
+    for spec in [field.metadata[_SPEC]]
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; values stay raw strings until :func:`resolve`."""
+    for row in SETTINGS:
+        help_text = f"{row.help} [env {row.env}; default {row.default_text}]"
+        if row.metavar is None:
+            parser.add_argument(row.flag, dest=row.name, action="store_const",
+                                const="false" if row.default else "true", default=None, help=help_text)
+        else:
+            parser.add_argument(row.flag, dest=row.name, default=None, metavar=row.metavar, help=help_text)
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
+    """Combine flags (which win) with environment variables, validating each value."""
+    values: dict[str, Any] = {}
+    for row in SETTINGS:
+        raw: str | None = getattr(args, row.name)
+        source = row.flag
+        if raw is None and row.env in environ:
+            raw, source = environ[row.env], row.env
+        if raw is None:
+            continue
+        try:
+            values[row.name] = row.parse(raw)
+        except ValueError as exc:
+            raise SettingError(f"invalid {source}={raw!r}: {exc}") from None
+    return ServeSettings(**values)
