@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import APP_MODULE, App, ServerProcess
 
 
 @pytest.fixture
@@ -34,6 +37,23 @@ def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
 
 
 @pytest.fixture
+def start_app(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Callable[..., App]:
+    """Start the embedding test service (steered through ``tmp_path``) with extra serve flags."""
+
+    def start(*args: str, **kwargs: Any) -> App:
+        command = (sys.executable, "-m", APP_MODULE, "--control", str(tmp_path))
+        return App(start_server(*args, command=command, **kwargs), tmp_path)
+
+    return start
+
+
+@pytest.fixture
+def app(start_app: Callable[..., App]) -> App:
+    """The embedding test service with default settings."""
+    return start_app()
+
+
+@pytest.fixture
 def bare_server() -> Iterator[str]:
     """A real gRPC server that serves nothing at all."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
@@ -41,6 +61,14 @@ def bare_server() -> Iterator[str]:
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
+
+
+@pytest.fixture
+def refused_address() -> Iterator[str]:
+    """An address where nothing listens: bound, so no one else takes it, but never listening."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{unused.getsockname()[1]}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

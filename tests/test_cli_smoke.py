@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
 
 import pytest
 
-from tests.support import ServerProcess, run_cli, stall, start_on_small_pipe
-
-Start = Callable[..., ServerProcess]
+from tests.support import ServerProcess, Start, run_cli, stall, start_on_small_pipe
 
 
 def test_smoke_ok_prints_result_and_exits_0(server: ServerProcess) -> None:

@@ -6,8 +6,6 @@ import asyncio
 import importlib
 import re
 import signal
-import socket
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -22,17 +20,9 @@ from petsage_grpc.client import (
     SmokeResult,
     SmokeStatus,
 )
-from tests.support import ROOT, ServerProcess, stall, start_on_small_pipe
+from tests.support import ROOT, ServerProcess, Start, stall, start_on_small_pipe
 
-Start = Callable[..., ServerProcess]
 SERVICES = ["", "liveness", "petsage.smoke.v1.SmokeTestService", "readiness"]
-
-
-@pytest.fixture
-def refused_address() -> Iterator[str]:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{unused.getsockname()[1]}"
 
 
 def test_check_and_list_return_enums(server: ServerProcess) -> None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from petsage_grpc import settings as config
-from tests.support import ServerProcess, run_cli, tool
-
-Start = Callable[..., ServerProcess]
+from tests.support import Start, run_cli, tool
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,11 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +27,16 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # PyYAML ships no types; stubs optional
-from grpc_health.v1 import health_pb2
 
 from petsage_grpc import settings as config
 from petsage_grpc.cli import dispatch as cli
-from tests.support import ROOT, ServerProcess, tool
+from tests.support import NOT_SERVING, ROOT, SERVING, Start, tool
 
-Start = Callable[..., ServerProcess]
 Resource = dict[str, Any]
 
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: The oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27), and the newest known.
 KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 #: Probe kind -> the health service it must check.
@@ -332,14 +327,6 @@ def hadolint(path: Path) -> list[dict[str, Any]]:
     assert result.stdout.startswith("["), result.stderr
     findings: list[dict[str, Any]] = json.loads(result.stdout)
     return findings
-
-
-@pytest.fixture
-def refused_address() -> Iterator[str]:
-    """An address where nothing listens: bound, so no one else takes it, but never listening."""
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{unused.getsockname()[1]}"
 
 
 def test_dockerfile_has_no_hadolint_findings() -> None:

@@ -1,9 +1,8 @@
 """Faults with real processes: SIGTERM under load, misbehaving checks, clients that vanish.
 
 Every scenario runs a real server and real clients, some in child processes
-that this module also provides (``python -m tests.test_faults load ADDRESS``
-and ``python -m tests.test_faults smoke-storm ADDRESS N``), and each test
-stays well under 30 s.
+(tests/programs: the load client, Watch crowds, SmokeTest storms), and each
+test stays well under 30 s.
 """
 
 from __future__ import annotations
@@ -16,69 +15,41 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from petsage_grpc.server.process import new_event_loop
+from petsage_grpc._proto.smoke.v1 import smoke_pb2
+from tests.programs.load import LOAD_LIMIT
+from tests.programs.smoke_storm import start_smoke_storm
+from tests.programs.watch_crowd import watching
 from tests.support import (
+    NOT_SERVING,
     PROCESS_TIMEOUT,
-    ROOT,
     RPC_TIMEOUT,
+    SERVING,
     SERVING_LINE,
+    App,
     LineLog,
     ServerProcess,
+    Start,
+    child,
     proc_status,
+    reaped,
     stall,
     start_on_small_pipe,
     wait_for_file_line,
 )
-from tests.watch_crowd import watching
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-Start = Callable[..., ServerProcess]
-
-#: Load: connections, and callers of each method on each connection (one call at a time each).
-LOAD_CHANNELS = 4
-LOAD_CALLERS = {"Check": 18, "SmokeTest": 6}
-#: How long the load runs before it counts as at full rate, and then before the signal.
-LOAD_WARM_UP = 0.5
+#: How long the load runs at full rate before the signal.
 LOAD_SECONDS = 2.0
-#: The load client stops, whatever happens, after this long.
-LOAD_LIMIT = 25.0
 #: Calls per second the load must reach before the signal, on a busy 2-core machine.
 LOAD_FLOOR = 700
-#: Deadline of each load call: far longer than any call takes, far shorter than the test.
-LOAD_CALL_TIMEOUT = 5.0
-
-
-def _child(module: str, *args: str) -> subprocess.Popen[bytes]:
-    """``python -m MODULE ARGS`` as a child process, its output piped to us."""
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
-    )
-
-
-@contextmanager
-def _reaped(processes: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Kill (by its own PID) and wait for every child process in ``processes`` on the way out."""
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(RPC_TIMEOUT)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -88,76 +59,6 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 
 # --- SIGTERM under sustained load ----------------------------------------------------------------
-
-_STATUS_NAMES = {value: name for name, value in health_pb2.HealthCheckResponse.ServingStatus.items()}
-
-
-async def _load(address: str) -> None:
-    """Call Check(readiness) and SmokeTest flat out from many callers; print every outcome as JSON.
-
-    Callers behave as clients of a load balancer would: each stops at its
-    first failed call, and a Check caller also once readiness answers
-    NOT_SERVING.  A Watch on readiness (on connection 0), opened first,
-    records what it is told.  Every record carries its place in the order
-    this process saw completions (``seq``), so orderings need no clock.
-    """
-    seq = itertools.count()
-    calls: list[tuple[str, int, float, float, str, str, int]] = []  # as LoadCall
-    watched: list[tuple[str, float, int]] = []  # status or code, when, seq
-    unfinished = 0
-    channels = [
-        grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
-        for _ in range(LOAD_CHANNELS)
-    ]
-    watch = health_pb2_grpc.HealthStub(channels[0]).Watch(
-        health_pb2.HealthCheckRequest(service="readiness"), timeout=LOAD_LIMIT
-    )
-
-    async def follow() -> None:
-        try:
-            while (answer := await watch.read()) is not grpc.aio.EOF:
-                watched.append((_STATUS_NAMES[answer.status], time.monotonic(), next(seq)))
-        except grpc.aio.AioRpcError as exc:
-            watched.append((exc.code().name, time.monotonic(), next(seq)))
-
-    async def caller(method: str, connection: int) -> None:
-        nonlocal unfinished
-        check = health_pb2_grpc.HealthStub(channels[connection]).Check
-        smoke = smoke_pb2_grpc.SmokeTestServiceStub(channels[connection]).SmokeTest
-        check_request = health_pb2.HealthCheckRequest(service="readiness")
-        smoke_request = smoke_pb2.SmokeTestRequest()
-        while True:
-            started = time.monotonic()
-            unfinished += 1
-            try:
-                if method == "Check":
-                    answer = _STATUS_NAMES[(await check(check_request, timeout=LOAD_CALL_TIMEOUT)).status]
-                else:
-                    answer = smoke_pb2.Status.Name((await smoke(smoke_request, timeout=LOAD_CALL_TIMEOUT)).status)
-                code = "OK"
-            except grpc.aio.AioRpcError as exc:
-                code, answer = exc.code().name, exc.details() or ""
-            unfinished -= 1
-            calls.append((method, connection, started, time.monotonic(), code, answer, next(seq)))
-            if code != "OK" or answer == "NOT_SERVING":
-                return
-
-    first = await watch.read()
-    watched.append((_STATUS_NAMES[first.status], time.monotonic(), next(seq)))
-    tasks = [asyncio.create_task(follow())] + [
-        asyncio.create_task(caller(method, connection))
-        for connection in range(LOAD_CHANNELS) for method, count in LOAD_CALLERS.items() for _ in range(count)
-    ]
-    await asyncio.sleep(LOAD_WARM_UP)
-    print(json.dumps({"warm": time.monotonic()}), flush=True)
-    try:
-        async with asyncio.timeout(LOAD_LIMIT):
-            await asyncio.gather(*tasks)
-    except TimeoutError:
-        pass  # reported: the calls still running count as unfinished
-    print(json.dumps({"calls": calls, "watched": watched, "unfinished": unfinished}), flush=True)
-    await asyncio.gather(*(channel.close() for channel in channels))
-
 
 @dataclass
 class LoadCall:
@@ -187,7 +88,7 @@ def _sigterm_under_load(start_server: Start, log: Path, *args: str) -> LoadRun:
     with log.open("wb") as stdout:  # a file: reading a line per call here would slow the load
         server = start_server(*args, stdout=stdout.fileno(), wait=False)
     server.address = wait_for_file_line(log, SERVING_LINE.pattern)[1]
-    with _reaped([_child("tests.test_faults", "load", server.address)]) as (client,):
+    with reaped([child("tests.programs.load", server.address)]) as (client,):
         output, errors = LineLog(client.stdout), LineLog(client.stderr)
         warm = json.loads(output.wait_for(r'^\{"warm"').string)["warm"]
         time.sleep(LOAD_SECONDS)  # sustain the load: nothing to wait for but time
@@ -250,19 +151,6 @@ def test_sigterm_under_sustained_load_loses_no_call(
 # --- Checks that misbehave -----------------------------------------------------------------------
 
 
-def _steer(control: Path, check: str, command: str) -> None:
-    """Tell one steered check of tests/embedded_app.py what to do on its next runs."""
-    path = control / check
-    path.with_suffix(".tmp").write_text(command)
-    path.with_suffix(".tmp").replace(path)  # atomic: a run never reads half a command
-
-
-def _start_app(start_server: Start, control: Path, *args: str, **kwargs: Any) -> ServerProcess:
-    """The embedding test service (tests/embedded_app.py), steered through ``control``."""
-    command = (sys.executable, "-m", "tests.embedded_app", "--control", str(control))
-    return start_server(*args, command=command, **kwargs)
-
-
 def _timed_checks(server: ServerProcess, seconds: float, expect: dict[str, int]) -> list[float]:
     """Sequential Health/Check calls for ``seconds``, each answering as ``expect``; their latencies."""
     stub = health_pb2_grpc.HealthStub(server.channel())
@@ -280,16 +168,17 @@ def _timed_checks(server: ServerProcess, seconds: float, expect: dict[str, int])
 
 
 def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_critical(
-    start_server: Start, tmp_path: Path, record_property: Callable[[str, object], None]
+    start_app: Callable[..., App], record_property: Callable[[str, object], None]
 ) -> None:
     """Checks hanging (async and on a thread), raising and leaking at 0.1 s: health stays fast and right."""
-    server = _start_app(start_server, tmp_path)
+    app = start_app()
+    server = app.server
     pid = server.process.pid
     threads_healthy = min(proc_status(pid, "Threads") for _ in range(5))
-    _steer(tmp_path, "cache", "hang")  # async, never returns
-    _steer(tmp_path, "legacy", "hang")  # a plain function on its thread, never returns
-    _steer(tmp_path, "wrapped", "raise quota exceeded")
-    _steer(tmp_path, "database", "leak")  # critical, passes, leaks 1 MiB and a task per run
+    app.steer("cache", "hang")  # async, never returns
+    app.steer("legacy", "hang")  # a plain function on its thread, never returns
+    app.steer("wrapped", "raise quota exceeded")
+    app.steer("database", "leak")  # critical, passes, leaks 1 MiB and a task per run
     server.stdout.wait_for("check legacy is failing: timed out after 0.5s")
     server.stdout.wait_for("check cache is failing: timed out after 0.5s")
     server.stdout.wait_for("check wrapped is failing: quota exceeded")
@@ -323,11 +212,11 @@ def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_c
         health_pb2.HealthCheckRequest(service="readiness"), timeout=30
     )
     assert next(watch).status == SERVING
-    _steer(tmp_path, "database", "raise connection refused")
+    app.steer("database", "raise connection refused")
     assert next(watch).status == NOT_SERVING
     latencies = _timed_checks(server, 1.0, {"readiness": NOT_SERVING, "liveness": SERVING, "": NOT_SERVING})
     assert _percentile(latencies, 0.99) < 0.1 and max(latencies) < 0.5
-    _steer(tmp_path, "database", "leak")
+    app.steer("database", "leak")
     assert next(watch).status == SERVING
     watch.cancel()
     assert server.health("liveness") == SERVING
@@ -351,7 +240,7 @@ def _crowd(address: str, deadline: float) -> subprocess.Popen[bytes]:
     connection is gone: until then, a new crowd may be refused.
     """
     while True:
-        process = _child("tests.watch_crowd", address, "readiness", str(CROWD_STREAMS))
+        process = child("tests.programs.watch_crowd", address, "readiness", str(CROWD_STREAMS))
         try:
             LineLog(process.stdout).wait_for(f"watching {CROWD_STREAMS}", timeout=deadline - time.monotonic())
             return process
@@ -364,15 +253,16 @@ def _crowd(address: str, deadline: float) -> subprocess.Popen[bytes]:
                 raise AssertionError(error) from None
 
 
-def test_watch_disconnect_storms_release_every_slot(start_server: Start, tmp_path: Path) -> None:
+def test_watch_disconnect_storms_release_every_slot(start_app: Callable[..., App]) -> None:
     """Rounds of clients that vanish with hundreds of Watch streams leave no slot taken and no harm done.
 
     No status changes while streams vanish: that is the next test's case.
     """
-    server = _start_app(start_server, tmp_path, "--max-watchers", str(MAX_WATCHERS))
+    app = start_app("--max-watchers", str(MAX_WATCHERS))
+    server = app.server
     for _ in range(ROUNDS):
         deadline = time.monotonic() + 15
-        with _reaped([]) as crowds:
+        with reaped([]) as crowds:
             for _ in range(CROWDS):
                 crowds.append(_crowd(server.address, deadline))
             for crowd in crowds:
@@ -391,7 +281,7 @@ def test_watch_disconnect_storms_release_every_slot(start_server: Start, tmp_pat
                 try:
                     async with watching(server.address, "readiness", MAX_WATCHERS) as crowd:
                         past_cap = await _one_more_watch(server.address)
-                        _steer(tmp_path, "database", "raise down")
+                        app.steer("database", "raise down")
                         changes = await crowd.next_statuses(timeout=RPC_TIMEOUT)
                         server.signal(signal.SIGTERM)
                         ends = [await call.code() for call in crowd.calls]
@@ -430,14 +320,15 @@ VANISHING_ROUNDS = 4
 
 
 def test_clients_vanishing_while_a_status_change_goes_out_do_not_crash_the_server(
-    start_server: Start, tmp_path: Path
+    start_app: Callable[..., App]
 ) -> None:
     """Hundreds of Watch clients that leave while the server sends them a change: it keeps serving."""
-    server = _start_app(start_server, tmp_path, env={"PYTHONFAULTHANDLER": "1"})
+    app = start_app(env={"PYTHONFAULTHANDLER": "1"})
+    server = app.server
 
     async def vanish_during_change(command: str) -> None:
         async with watching(server.address, "readiness", VANISHING) as crowd:
-            _steer(tmp_path, "database", command)
+            app.steer("database", command)
             await crowd.calls[0].read()  # the change is going out: leave, connection and all
 
     for round_ in range(VANISHING_ROUNDS):
@@ -455,40 +346,6 @@ def test_clients_vanishing_while_a_status_change_goes_out_do_not_crash_the_serve
 
 #: SmokeTest calls abandoned at once, by each kind of client.
 ABANDONED = 300
-#: Connections the abandoned calls are spread over.
-STORM_CHANNELS = 3
-
-
-async def _start_smoke_storm(address: str, count: int) -> tuple[list[grpc.aio.Channel], list[Any]]:
-    """Start ``count`` SmokeTest calls; return once the server has them all in its handlers.
-
-    Calls on one connection are dispatched in order: once a Check sent after
-    them has answered, every SmokeTest before it is waiting in its handler.
-    """
-    channels = [
-        grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
-        for _ in range(STORM_CHANNELS)
-    ]
-    calls = [
-        smoke_pb2_grpc.SmokeTestServiceStub(channels[i % STORM_CHANNELS]).SmokeTest(
-            smoke_pb2.SmokeTestRequest(), timeout=30
-        )
-        for i in range(count)
-    ]
-    for channel in channels:
-        answer = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="liveness"), timeout=RPC_TIMEOUT
-        )
-        assert answer.status == SERVING
-    assert not any(call.done() for call in calls)
-    return channels, calls
-
-
-async def _hold_smoke_storm(address: str, count: int) -> None:
-    """Child process: start ``count`` SmokeTest calls, say so, then wait to be killed."""
-    await _start_smoke_storm(address, count)
-    print(f"in flight {count}", flush=True)
-    await asyncio.Event().wait()
 
 
 def test_abandoned_slow_smoke_tests_leave_the_server_healthy(start_server: Start) -> None:
@@ -499,7 +356,7 @@ def test_abandoned_slow_smoke_tests_leave_the_server_healthy(start_server: Start
     stall(write_end)  # every SmokeTest now waits for its record (up to 3 s)
 
     async def cancel_all() -> list[grpc.StatusCode]:
-        channels, calls = await _start_smoke_storm(server.address, ABANDONED)
+        channels, calls = await start_smoke_storm(server.address, ABANDONED)
         for call in calls:
             call.cancel()
         codes = [await call.code() for call in calls]
@@ -508,7 +365,7 @@ def test_abandoned_slow_smoke_tests_leave_the_server_healthy(start_server: Start
         return codes
 
     assert asyncio.run(cancel_all()) == [grpc.StatusCode.CANCELLED] * ABANDONED
-    with _reaped([_child("tests.test_faults", "smoke-storm", server.address, str(ABANDONED))]) as (client,):
+    with reaped([child("tests.programs.smoke_storm", server.address, str(ABANDONED))]) as (client,):
         LineLog(client.stdout).wait_for(f"in flight {ABANDONED}")
         client.kill()  # connections gone with the calls on them
     assert server.health("liveness") == SERVING
@@ -524,18 +381,3 @@ def test_abandoned_slow_smoke_tests_leave_the_server_healthy(start_server: Start
     output.wait_for(r"waiting up to \S+ for 0 call\(s\) in flight")  # every abandoned call was let go
     assert "Traceback" not in server.stderr.text() + output.text()
     os.close(write_end)
-
-
-def main(argv: list[str]) -> None:
-    """The child-process clients: ``load ADDRESS`` and ``smoke-storm ADDRESS N``."""
-    if argv[0] == "load":
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # uvloop: more calls per CPU second
-            runner.run(_load(argv[1]))
-    elif argv[0] == "smoke-storm":
-        asyncio.run(_hold_smoke_storm(argv[1], int(argv[2])))
-    else:
-        raise SystemExit(f"unknown client {argv[0]!r}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -6,11 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import RPC_TIMEOUT, ServerProcess
+from tests.support import NOT_SERVING, RPC_TIMEOUT, SERVICE_UNKNOWN, SERVING, ServerProcess
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 PUBLISHED = ("", "liveness", "readiness", "petsage.smoke.v1.SmokeTestService")
 
 

@@ -8,60 +8,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from tests.support import ROOT, RPC_TIMEOUT, LineLog, ServerProcess
-from tests.watch_crowd import watching
+from tests.programs.watch_crowd import watching
+from tests.support import NOT_SERVING, ROOT, RPC_TIMEOUT, SERVICE_UNKNOWN, SERVING, App, LineLog, ServerProcess
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 BUILT_IN = ("", "liveness", "readiness", "petsage.smoke.v1.SmokeTestService")
-
-
-class App:
-    """The embedding test service (tests/embedded_app.py) and its control folder."""
-
-    def __init__(self, server: ServerProcess, control: Path) -> None:
-        self.server = server
-        self.control = control
-
-    def steer(self, check: str, command: str) -> None:
-        """Tell a steered check what to do on its next runs."""
-        path = self.control / check
-        path.with_suffix(".tmp").write_text(command)
-        path.with_suffix(".tmp").replace(path)  # atomic: a run never reads half a command
-
-    def watch(self, service: str, timeout: float = 30) -> grpc.Future:
-        """A Watch stream on ``service``."""
-        stub = health_pb2_grpc.HealthStub(self.server.channel())
-        return stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-
-    def check_result(self, name: str) -> smoke_pb2.CheckResult:
-        """The SmokeTest result of check ``name``."""
-        return next(c for c in self.server.smoke().checks if c.name == name)
-
-
-@pytest.fixture
-def start_app(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Callable[..., App]:
-    """Start the embedding test service with extra serve flags."""
-
-    def start(*args: str) -> App:
-        command = (sys.executable, "-m", "tests.embedded_app", "--control", str(tmp_path))
-        return App(start_server(*args, command=command), tmp_path)
-
-    return start
-
-
-@pytest.fixture
-def app(start_app: Callable[..., App]) -> App:
-    """The embedding test service with default settings."""
-    return start_app()
 
 
 def test_checks_of_an_embedding_service_appear_in_order_and_pass(app: App) -> None:
@@ -240,7 +196,7 @@ def test_thousand_watchers_cancelling_during_a_change_leave_the_server_healthy(
 
 def test_disconnect_storm_does_not_stall_the_other_watchers(app: App) -> None:
     crowd_process = subprocess.Popen(
-        [sys.executable, "-m", "tests.watch_crowd", app.server.address, "readiness", "500"],
+        [sys.executable, "-m", "tests.programs.watch_crowd", app.server.address, "readiness", "500"],
         stdout=subprocess.PIPE, cwd=ROOT,
     )
     try:

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,11 +16,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from tests.support import RPC_TIMEOUT, LineLog, ServerProcess, run_cli, stall, start_on_small_pipe
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-Start = Callable[..., ServerProcess]
+from tests.support import (
+    NOT_SERVING,
+    RPC_TIMEOUT,
+    SERVING,
+    LineLog,
+    ServerProcess,
+    Start,
+    run_cli,
+    stall,
+    start_on_small_pipe,
+)
 
 
 def test_taken_port_fails_at_start_with_clear_message(server: ServerProcess) -> None:

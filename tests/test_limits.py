@@ -12,7 +12,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,10 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
-from tests.support import RPC_TIMEOUT, ServerProcess, proc_status
+from tests.support import RPC_TIMEOUT, SERVING, ServerProcess, Start, proc_status
 
-Start = Callable[..., ServerProcess]
-SERVING = health_pb2.HealthCheckResponse.SERVING
 #: A client's HTTP/2 connection preface followed by an empty SETTINGS frame.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 CONNECTIONS = 5_000

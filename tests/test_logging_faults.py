@@ -19,23 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from grpc_health.v1 import health_pb2
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2
 from petsage_grpc.logs import setup as logs
 from tests.support import (
+    NOT_SERVING,
+    SERVING,
     SERVING_LINE,
     LineLog,
     ServerProcess,
+    Start,
     stall,
     start_on_small_pipe,
     wait_for_file_line,
 )
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DEPENDENT = ("", "readiness", "petsage.smoke.v1.SmokeTestService")
-Start = Callable[..., ServerProcess]
 
 
 def assert_failing(server: ServerProcess, *fragments: str) -> smoke_pb2.CheckResult:

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,9 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
 from petsage_grpc.logs import pipeline as logs
 from tests.support import (
+    NOT_SERVING,
     RPC_TIMEOUT,
+    SERVING,
     LineLog,
     ServerProcess,
+    Start,
     proc_status,
     run_cli,
     stall,
@@ -28,9 +30,6 @@ from tests.support import (
     wait_for_file_line,
 )
 
-Start = Callable[..., ServerProcess]
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ACCESS = " - petsage_grpc.access - INFO - "
 CHECK = "/grpc.health.v1.Health/Check"
 SMOKE = "/petsage.smoke.v1.SmokeTestService/SmokeTest"

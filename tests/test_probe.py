@@ -17,22 +17,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import PROCESS_TIMEOUT, ROOT, LineLog, ServerProcess, run_cli
+from tests.support import PROCESS_TIMEOUT, ROOT, LineLog, ServerProcess, Start, run_cli
 
-Start = Callable[..., ServerProcess]
 NOT_FOUND = "error: health rpc failed: rpc error: code = NotFound desc = unknown service"
 
 
 def probe(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("probe", *args)
-
-
-@pytest.fixture
-def refused_address() -> Iterator[str]:
-    """An address where nothing listens: bound, so no one else takes it, but never listening."""
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{unused.getsockname()[1]}"
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -12,9 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from petsage_grpc.client import Client, ClientError, ClientTLS, ServingStatus
 from petsage_grpc.tls import TLSError, server_credentials
 from tests.certs import SERVER_NAME, Certs, make_certs
-from tests.support import ServerProcess, run_cli
-
-Start = Callable[..., ServerProcess]
+from tests.support import ServerProcess, Start, run_cli
 
 
 @pytest.fixture(scope="module")

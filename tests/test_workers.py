@@ -6,15 +6,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
-from tests.support import PROCESS_TIMEOUT, RPC_TIMEOUT, ServerProcess, run_cli
-
-Start = Callable[..., ServerProcess]
+from tests.support import PROCESS_TIMEOUT, RPC_TIMEOUT, ServerProcess, Start, run_cli
 
 
 def instance_ids(server: ServerProcess, connections: int) -> set[str]:

@@ -1,11 +1,9 @@
-"""Test support: a real ``petsage-grpc serve`` process on a loopback port chosen by the OS."""
+"""Real processes for the tests: a ``petsage-grpc serve`` on a loopback port the OS chose, and child clients."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -13,7 +11,8 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +28,7 @@ PROCESS_TIMEOUT = 15.0
 SERVING_LINE = re.compile(r"serving on (\S+:\d+)")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 def tool(name: str) -> str:
@@ -102,7 +102,7 @@ def wait_for_file_line(path: Path, pattern: str, timeout: float = PROCESS_TIMEOU
 
 
 #: The repository root: the working directory of every child process, so ``tests.*`` imports.
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 README = ROOT / "README.md"
 
 
@@ -210,37 +210,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     )
 
 
-def stall(pipe_write_end: int) -> None:
-    """Fill a pipe to capacity through a non-blocking description of our own.
-
-    Opening /proc/self/fd/N gives a new open file description, so O_NONBLOCK
-    here leaves the server's (blocking) one alone: its next write blocks.
-    """
-    own = os.open(f"/proc/self/fd/{pipe_write_end}", os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        while True:
-            os.write(own, b"#" * 512)
-    except BlockingIOError:
-        pass
-    finally:
-        os.close(own)
-
-
-def start_on_small_pipe(start: Callable[..., ServerProcess], *args: str) -> tuple[ServerProcess, int, int]:
-    """A server whose stdout is a 4 KiB pipe we read until it serves, then stop reading."""
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    server = start(*args, stdout=write_end, wait=False)
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    output = b""
-    while (match := SERVING_LINE.search(output.decode(errors="replace"))) is None:
-        # We hold the write end too, so a dead server gives no EOF: watch the process.
-        assert server.process.poll() is None and time.monotonic() < deadline, server.stderr.text()
-        if select.select([read_end], [], [], 0.5)[0]:
-            output += os.read(read_end, 4096)
-    server.address = match[1]
-    return server, read_end, write_end
-
-
 #: The ``start_server`` fixture: starts a server process with flags and keyword options.
 Start = Callable[..., "ServerProcess"]
+
+
+def child(module: str, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m MODULE ARGS`` (a program of tests/programs) as a child process, its output piped to us."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+
+
+@contextmanager
+def reaped(processes: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Kill (by its own PID) and wait for every child process in ``processes`` on the way out."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(RPC_TIMEOUT)

@@ -1,6 +1,6 @@
 """A service embedding the PetSage server as the README shows, with checks a test steers.
 
-``python -m tests.embedded_app --control DIR [serve flags]`` serves like
+``python -m tests.programs.embedded_app --control DIR [serve flags]`` serves like
 ``petsage-grpc serve`` plus these checks, each steered by the file DIR/<name>
 (re-read on every run, every 0.1 s):
 

@@ -1,6 +1,6 @@
 """Many Health/Watch streams from one asyncio client, in a test or in a child process.
 
-``python -m tests.watch_crowd ADDRESS SERVICE N`` opens N streams, prints
+``python -m tests.programs.watch_crowd ADDRESS SERVICE N`` opens N streams, prints
 ``watching N`` once every stream has its first answer, then holds them until
 it is killed (a disconnect storm, when the kill is SIGKILL).
 """
