@@ -34,8 +34,8 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 ENV PYTHONDONTWRITEBYTECODE=1
 # Numeric, so Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001:10001
-# gRPC (health, SmokeTest, reflection) and Prometheus /metrics.
-EXPOSE 50051 9090
+# gRPC (health, SmokeTest, reflection) and HTTP (/livez, /readyz, the REST smoke test, /metrics).
+EXPOSE 50051 8080
 # For docker and compose only: the kubelet ignores HEALTHCHECK and uses the Deployment's
 # native gRPC probes.  The probe is our grpc_health_probe: exit 0 only when SERVING, and
 # docker counts every other exit (the probe's 2, 3 and 4) as unhealthy.  Liveness, not
@@ -46,4 +46,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
     CMD ["petsage-grpc", "probe", "-addr", "127.0.0.1:50051", "-service", "liveness"]
 ENTRYPOINT ["petsage-grpc", "serve"]
 # The defaults of `docker run`; Kubernetes replaces them with the container's args.
-CMD ["--address", "[::]:50051", "--metrics-address", "[::]:9090"]
+CMD ["--address", "[::]:50051", "--http-address", "[::]:8080", "--metrics"]

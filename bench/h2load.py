@@ -31,8 +31,8 @@ from bench.calls import Method, grpc_frame
 
 H2LOAD = "h2load"
 HEADERS = ("content-type: application/grpc", "te: trailers")
-_FINISHED = re.compile(r"^finished in .*?, ([\d.]+) req/s", re.M)
-_REQUESTS = re.compile(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+FINISHED = re.compile(r"^finished in .*?, ([\d.]+) req/s", re.M)
+REQUESTS = re.compile(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                        r"(\d+) failed, (\d+) errored, (\d+) timeout", re.M)
 _TRAFFIC = re.compile(r"^traffic: .*\((\d+)\) data", re.M)
 _HEADER = re.compile(r"^\[stream_id=\d+\] (:?[^:]+): (.*)$")
@@ -119,7 +119,7 @@ def run(address: str, expected: Expected, workdir: Path, *, clients: int, stream
         result.fail(1, f"h2load exited {done.returncode}")
     _check_counts(text, result, expected, exact=requests is not None, in_flight=clients * streams)
     if latency and log.exists():
-        result.latencies_us = _latencies(log)
+        result.latencies_us = latencies(log)
     return result
 
 
@@ -149,7 +149,7 @@ def _check_headers(output: Path, result: Run) -> str:
 
 def _check_counts(text: str, result: Run, expected: Expected, *, exact: bool, in_flight: int) -> None:
     """Hold h2load's own counts and the DATA bytes against the answers seen."""
-    counts, traffic, finished = _REQUESTS.search(text), _TRAFFIC.search(text), _FINISHED.search(text)
+    counts, traffic, finished = REQUESTS.search(text), _TRAFFIC.search(text), FINISHED.search(text)
     if counts is None or traffic is None or finished is None:
         result.fail(1, "h2load printed no summary")
         return
@@ -174,7 +174,7 @@ def _check_counts(text: str, result: Run, expected: Expected, *, exact: bool, in
         result.requests = done
 
 
-def _latencies(log: Path) -> list[int]:
+def latencies(log: Path) -> list[int]:
     """Microseconds of every answered request in an h2load ``--log-file``."""
     values = []
     for line in log.read_text().splitlines():

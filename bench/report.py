@@ -131,6 +131,30 @@ class Workers:
         return self.two / self.one if self.one else 0.0
 
 
+#: The HTTP side's rows: label, the HTTP (or "with") figure, the gRPC (or "without") one, and digits.
+HTTP_ROWS = (
+    ("`/readyz` against `Health/Check` req/s (c8 m16)", "http_check_rps", "grpc_check_rps", 0),
+    ("REST smoke test against `SmokeTest` req/s (c8 m16)", "http_smoke_rps", "grpc_smoke_rps", 0),
+    ("`/readyz` against `Health/Check` c1 p99 (ms)", "http_check_c1_p99_ms", "grpc_check_c1_p99_ms", 3),
+    ("REST smoke test against `SmokeTest` c1 p99 (ms)", "http_smoke_c1_p99_ms", "grpc_smoke_c1_p99_ms", 3),
+    ("start → first OK, with `--http-address` against without (ms)", "start_with_http_ms",
+     "start_without_http_ms", 1),
+    ("idle RSS, with `--http-address` against without (MiB)", "idle_rss_with_http_mib",
+     "idle_rss_without_http_mib", 1),
+)
+
+
+def http_table(figures: Values) -> str:
+    """The HTTP side's table: each HTTP figure beside its gRPC twin (or with the listener beside without)."""
+    lines = ["| HTTP side (one petsage-grpc server) | HTTP / with | gRPC / without | ratio |",
+             "| --- | ---: | ---: | ---: |"]
+    for label, first, second, digits in HTTP_ROWS:
+        a, b = figures.get(first), figures.get(second)
+        ratio = "–" if a is None or not b else f"{a / b:.2f}×"
+        lines.append(f"| {label} | {_number(a, digits)} | {_number(b, digits)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _number(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 

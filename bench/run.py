@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 
 from bench import h2load, report
+from bench import http as http_side
 from bench.calls import CHECK
 from bench.servers import BASELINE, PROJECT, ROOT, Kind, Server, serve_flags
 from bench.session import CLIENTS, STREAMS, Config, Session, step
@@ -82,6 +83,7 @@ class Outcome:
     problems: list[str]
     notes: list[str]
     workers: report.Workers
+    http: report.Values
 
 
 def run_rounds(config: Config, workdir: Path) -> Outcome:
@@ -90,6 +92,7 @@ def run_rounds(config: Config, workdir: Path) -> Outcome:
     problems: list[str] = []
     notes: list[str] = []
     workers: list[report.Workers] = []
+    http_rounds: list[report.Values] = []
     for number in range(config.rounds):
         for kind in (PROJECT, BASELINE):
             print(f"round {number + 1}/{config.rounds}: {kind.label} …", file=sys.stderr, flush=True)
@@ -104,10 +107,16 @@ def run_rounds(config: Config, workdir: Path) -> Outcome:
             problems.extend(session.problems)
             notes.extend(session.notes)
         workers.append(measure_workers(config, workdir))
+        print(f"round {number + 1}/{config.rounds}: the HTTP side …", file=sys.stderr, flush=True)
+        figures, failed = http_side.measure(config, workdir)
+        http_rounds.append(figures)
+        problems.extend(failed)
     combined = workers[0] if not workers[0].available else report.Workers(
         one=statistics.median(w.one for w in workers), two=statistics.median(w.two for w in workers),
         failures=sum(w.failures for w in workers))
-    return Outcome(rounds, problems, notes, combined)
+    http = {key: statistics.median(r[key] for r in http_rounds) for key in http_rounds[0] if key != "failures"}
+    http["failures"] = sum(r["failures"] for r in http_rounds)
+    return Outcome(rounds, problems, notes, combined, http)
 
 
 def parse(argv: Sequence[str] | None) -> tuple[Config, Path]:
@@ -180,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{began:%Y-%m-%d}, {os.cpu_count()} cores, server on core {config.server_cpu}, "
           f"load on core {config.load_cpu}, {config.rounds} round(s){', quick' if config.quick else ''}\n")
     print(report.table((PROJECT.label, BASELINE.label), project, baseline, ratios, targets, workers))
+    print()
+    print(report.http_table(outcome.http))
     for note in outcome.notes:
         print(f"note: {note}")
     for problem in outcome.problems:
@@ -195,12 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratios,
         "targets": targets,
         "workers": {**asdict(workers), "available": workers.available, "ratio": workers.ratio},
+        "http": outcome.http,
         "notes": outcome.notes,
         "problems": outcome.problems,
     }
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"\nJSON written to {json_path}")
-    failed = project.get("failures", 0) + baseline.get("failures", 0) + workers.failures
+    failed = project.get("failures", 0) + baseline.get("failures", 0) + workers.failures + outcome.http["failures"]
     if failed:
         print(f"python -m bench: {failed:g} call(s) failed: these figures are not valid", file=sys.stderr)
     return 1 if failed or outcome.problems else 0

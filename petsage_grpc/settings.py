@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from petsage_grpc.values import (
     GRPC_SECONDS_MAX,
+    aliases,
     choice,
     count,
     parse_address,
@@ -112,8 +113,15 @@ class ServeSettings:
                                             "shortest interval allowed between a client's keepalive pings; after "
                                             f"{PING_STRIKES} more pings sooner the connection is closed "
                                             "(GOAWAY too_many_pings)")
-    metrics_address: str | None = setting(None, tcp_address, "HOST:PORT",
-                                          "serve Prometheus metrics over HTTP at http://ADDRESS/metrics")
+    http_address: str | None = setting(None, tcp_address, "HOST:PORT",
+                                       "also serve HTTP health (the REST smoke test, /livez, /readyz, /healthz, "
+                                       "/health, /metrics) on this address")
+    # An idle HTTP connection costs about 3 KiB, one holding a nearly full 8 KiB request head about 11 KiB.
+    http_max_connections: int = setting(512, count(1, 65_536), "N",
+                                        "open HTTP connections; at the cap a new one replaces the oldest that has "
+                                        "not sent a whole request, or is closed if all are being answered")
+    metrics: bool = setting(False, switch, None,
+                            "serve Prometheus metrics at /metrics on --http-address (the variable takes true or false)")
     access_log: bool = setting(True, switch, None,
                                "do not write an access log record per call (the variable takes true or false)")
     log_probes: bool = setting(False, switch, None,
@@ -121,7 +129,20 @@ class ServeSettings:
                                "petsage-grpc probe), which are otherwise only counted")
     smoke_details: str = setting("full", choice(SMOKE_DETAILS, str.lower), "{full,status}",
                                  "what SmokeTest answers: full (checks and server info) or status (status, message "
-                                 "and timestamp only, for callers who are not trusted)")
+                                 "and timestamp only, for callers who are not trusted); also whether /readyz and "
+                                 "/livez show why a check fails")
+    unavailable_unless_serving: bool = setting(False, switch, None,
+                                               "answer Health/Check with the error UNAVAILABLE for any status but "
+                                               "SERVING, for load balancers that read only the status code (the "
+                                               "variable takes true or false)")
+    health_aliases: str | None = setting(None, aliases, "ALIAS=NAME[,...]",
+                                  "extra health names, each answering the status of another "
+                                  "(e.g. grpc.health.v1.Health=readiness)")
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """:attr:`health_aliases` as a mapping: alias to the name whose status it answers."""
+        return dict(pair.split("=", 1) for pair in (self.health_aliases or "").split(",") if pair)
 
     def __post_init__(self) -> None:
         # Settings built in code (by a service embedding the server) get the
@@ -140,8 +161,10 @@ class ServeSettings:
             raise SettingError("--workers needs a HOST:PORT address: workers share a TCP port")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
-        if self.metrics_address is not None and self.workers > 1:
-            raise SettingError("--metrics-address serves one process's metrics: use it with --workers 1 "
+        if self.metrics and self.http_address is None:
+            raise SettingError("--metrics needs --http-address: /metrics is served there")
+        if self.metrics and self.workers > 1:
+            raise SettingError("--metrics serves one process's metrics: use it with --workers 1 "
                                "(run more pods, not more workers, to scale a scraped server)")
 
 
@@ -180,6 +203,12 @@ class Setting:
         return ENV_PREFIX + self.name.upper()
 
 
+#: Settings that no longer exist, and what to use instead: given anyway, they stop the program.
+RETIRED = {
+    "metrics_address": "--metrics-address is retired: serve /metrics on the HTTP listener with "
+                       "--http-address HOST:PORT --metrics",
+}
+
 #: Every setting, in the order of :class:`ServeSettings`' fields.
 SETTINGS: tuple[Setting, ...] = tuple(
     Setting(field.name, field.default, spec.parse, spec.metavar, spec.help)
@@ -189,7 +218,9 @@ SETTINGS: tuple[Setting, ...] = tuple(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; values stay raw strings until :func:`resolve`."""
+    """Add one flag per setting (and, hidden, the retired ones); values stay raw strings until :func:`resolve`."""
+    for name in RETIRED:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
     for row in SETTINGS:
         help_text = f"{row.help} [env {row.env}; default {row.default_text}]"
         if row.metavar is None:
@@ -201,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
     """Combine flags (which win) with environment variables, validating each value."""
+    for name, message in RETIRED.items():
+        if getattr(args, name, None) is not None or ENV_PREFIX + name.upper() in environ:
+            raise SettingError(message)
     values: dict[str, Any] = {}
     for row in SETTINGS:
         raw: str | None = getattr(args, row.name)

@@ -98,6 +98,19 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     )
 
 
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    """An ``ssl`` server context for the HTTP listener, from the same PEM files as the gRPC credentials.
+
+    It asks no client certificate, even with ``--tls-client-ca``: the kubelet,
+    load balancers and uptime checkers that call the HTTP side present none.
+    """
+    _key_pair("--tls-cert", cert, "--tls-key", key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """How a client speaks TLS: whom it trusts, who it is, and the name it expects.

@@ -1,4 +1,4 @@
-"""Parsers of setting values: addresses, seconds, counts, choices, switches and paths.
+"""Parsers of setting values: addresses, seconds, counts, choices, switches, paths and aliases.
 
 Each takes the raw text of a flag or an environment variable and returns the
 value, or raises ``ValueError`` with the reason in a few words (``should be ≥
@@ -100,3 +100,16 @@ def path(value: str) -> str:
     if not value.strip():
         raise ValueError("expected a file path")
     return value
+
+
+def aliases(value: str) -> str:
+    """Accept ``ALIAS=NAME[,ALIAS=NAME...]`` (health names answering another's status); return it tidied."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        alias, equals, name = (side.strip() for side in item.partition("="))
+        if not equals or not alias:
+            raise ValueError(f"expected ALIAS=NAME pairs separated by commas, got {item!r}")
+        pairs.append(f"{alias}={name}")
+    if len({pair.partition("=")[0] for pair in pairs}) != len(pairs):
+        raise ValueError("each alias may be given once")
+    return ",".join(pairs)

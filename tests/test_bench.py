@@ -29,7 +29,7 @@ def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None
 
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--watchers", str(WATCHERS), "--json", str(results_file)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=150, check=False,
     )
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -50,6 +50,11 @@ def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None
         assert figures["failures"] == 0, server
     assert results["ratios"]["check_rps"] > 0
     assert results["problems"] == []
+    http = results["http"]
+    assert set(http) == {key for _, *keys, _ in report.HTTP_ROWS for key in keys} | {"failures"}
+    assert http["failures"] == 0
+    assert all(value > 0 for key, value in http.items() if key != "failures"), http
+    assert "| `/readyz` against `Health/Check` req/s (c8 m16) |" in done.stdout
     assert "| Check req/s (c8 m16, one core) |" in done.stdout
     assert "`serve --workers 2`" in done.stdout
 

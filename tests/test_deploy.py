@@ -208,12 +208,12 @@ def test_resources_fit_the_idle_server_and_every_watcher() -> None:
     assert quantity(resources["limits"]["memory"], MEMORY) >= need * MEMORY_HEADROOM
 
 
-def test_prometheus_scrapes_the_metrics_port() -> None:
+def test_prometheus_scrapes_the_http_port() -> None:
     annotations = resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
-    metrics_address = container_settings().metrics_address
-    assert metrics_address is not None, "--metrics-address is not set"
-    assert container_ports()["metrics"] == port_of(metrics_address)
-    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port_of(metrics_address)),
+    settings = container_settings()
+    assert settings.http_address is not None and settings.metrics, "--http-address and --metrics are not set"
+    assert container_ports()["http"] == port_of(settings.http_address)
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port_of(settings.http_address)),
                            "prometheus.io/path": "/metrics"}
 
 
@@ -359,8 +359,8 @@ def test_dockerfile_entrypoint_serves_and_exposes_the_container_ports() -> None:
     final = stages()[-1]
     assert json.loads(last(final, "ENTRYPOINT")) == ["petsage-grpc", "serve"]
     settings = serve_settings(json.loads(last(final, "CMD")))
-    assert settings.metrics_address is not None
-    ports = {port_of(settings.address), port_of(settings.metrics_address)}
+    assert settings.http_address is not None and settings.metrics
+    ports = {port_of(settings.address), port_of(settings.http_address)}
     exposed = {int(port) for i in final if i.keyword == "EXPOSE" for port in i.value.split()}
     assert ports == exposed == set(container_ports().values())
     command, _ = healthcheck()

@@ -154,7 +154,9 @@ def test_in_flight_call_finishes_while_health_answers_and_new_calls_are_refused(
     assert server.process.poll() is None
 
     LineLog(os.fdopen(read_end, "rb"))  # reading again lets the record through
-    assert in_flight.result().status == smoke_pb2.STATUS_OK
+    answer = in_flight.result()  # answered after the signal: FAILING, for the shutdown, with logging fine
+    assert (answer.status, answer.message) == (smoke_pb2.STATUS_FAILING, "PetSage services are failing: shutdown.")
+    assert {c.name: c.status for c in answer.checks}["logging"] == smoke_pb2.STATUS_OK
     assert server.wait() == 0
 
 
@@ -285,9 +287,28 @@ def test_drain_keeps_serving_not_serving_then_ends_watches_and_finishes_in_fligh
     assert not in_flight.done()
 
     output = LineLog(os.fdopen(read_end, "rb"))  # reading again lets the record through
-    assert in_flight.result().status == smoke_pb2.STATUS_OK
+    assert in_flight.result().status == smoke_pb2.STATUS_FAILING  # answered during shutdown
     assert server.wait() == 0
     steps = ["draining: statuses NOT_SERVING", "drain over after 1.5", "1 Watch stream(s) ended, new calls refused",
              "in-flight calls finished after", "stopped after"]
     found = [output.wait_for(re.escape(step)).string for step in steps]
     assert [output.lines.index(line) for line in found] == sorted(output.lines.index(line) for line in found)
+
+
+def test_smoke_test_agrees_with_readiness_from_the_first_signal(start_server: Start) -> None:
+    server = start_server("--drain", "3")
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+
+    server.signal(signal.SIGTERM)
+    server.wait_for_health("readiness", NOT_SERVING)
+    answer = server.smoke()
+    command = run_cli("smoke", "--address", server.address)
+
+    assert (answer.status, answer.message) == (smoke_pb2.STATUS_FAILING, "PetSage services are failing: shutdown.")
+    shutdown = {c.name: c for c in answer.checks}["shutdown"]
+    assert (shutdown.status, shutdown.detail, shutdown.critical) == (
+        smoke_pb2.STATUS_FAILING, "the server is shutting down", True)
+    assert command.returncode == 4
+    assert command.stderr == ("petsage-grpc smoke: not OK: STATUS_FAILING: "
+                              "PetSage services are failing: shutdown.\n")
+    assert server.wait() == 0

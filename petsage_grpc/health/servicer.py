@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from petsage_grpc.health.statuses import LIVENESS, NOT_SERVING, SERVICE_UNKNOWN, StatusValue, status_name
+from petsage_grpc.health.statuses import LIVENESS, NOT_SERVING, SERVICE_UNKNOWN, SERVING, StatusValue, status_name
 
 _LOGGER = logging.getLogger(__package__)
 
@@ -50,8 +50,17 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     Create it on the event loop's thread: watchers are woken on that loop.
     """
 
-    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS, *, aliases: Mapping[str, str] | None = None,
+                 unavailable_unless_serving: bool = False) -> None:
+        """``aliases`` maps extra names to the name whose status each answers.
+
+        With ``unavailable_unless_serving``, Check answers any status but
+        SERVING as the gRPC error UNAVAILABLE, for load balancers that read
+        only the status code.
+        """
         self._loop = asyncio.get_running_loop()
+        self._aliases = dict(aliases or {})
+        self._strict = unavailable_unless_serving
         # Written on the loop thread, except liveness, which the watchdog
         # thread alone changes after start (set_threadsafe): that thread never
         # adds a key, so iterating here on the loop is safe.
@@ -67,6 +76,15 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     def watchers(self) -> int:
         """How many Watch streams are open."""
         return len(self._watchers)
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` has been called: the server is shutting down."""
+        return self._frozen is not None
+
+    def status_of(self, service: str) -> StatusValue | None:
+        """The published status of ``service`` (an alias answers its target's), or None if unknown."""
+        return self._statuses.get(self._aliases.get(service, service))
 
     def set(self, service: str, status: StatusValue, reason: str = "") -> None:
         """Publish ``status`` for ``service`` and wake its watchers (loop thread only).
@@ -104,8 +122,12 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         return True
 
     def statuses(self) -> dict[str, StatusValue]:
-        """A copy of the status table (safe from any thread: the copy is one C-level step)."""
-        return dict(self._statuses)
+        """A copy of the status table, aliases included (safe from any thread: each copy is one C-level step)."""
+        statuses = dict(self._statuses)
+        for alias, target in self._aliases.items():
+            if target in statuses:
+                statuses[alias] = statuses[target]
+        return statuses
 
     def _wake(self, service: str) -> None:
         for watcher in self._watchers:
@@ -128,23 +150,27 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     async def Check(
         self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> _health_pb2.HealthCheckResponse:
-        """Answer the cached status of one service, or NOT_FOUND."""
-        status = self._statuses.get(request.service)
+        """Answer the cached status of one service, or NOT_FOUND (and UNAVAILABLE if strict and not SERVING)."""
+        service = request.service
+        status = self._statuses.get(self._aliases.get(service, service))
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        elif self._strict and status != SERVING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"service {service!r} is {status_name(status)}")
         return _ANSWERS[status]
 
     async def List(
         self, request: _health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
     ) -> _health_pb2.HealthListResponse:
-        """Answer a snapshot of every service and its status."""
-        if len(self._statuses) > MAX_LIST_SERVICES:
+        """Answer a snapshot of every service (aliases included) and its status."""
+        statuses = self.statuses()
+        if len(statuses) > MAX_LIST_SERVICES:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server health list exceeds maximum capacity: {MAX_LIST_SERVICES}",
             )
         response = _health_pb2.HealthListResponse()
-        for service, status in self._statuses.items():
+        for service, status in statuses.items():
             response.statuses[service].status = status
         return response
 
@@ -156,7 +182,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many watchers (limit {self._max_watchers})"
             )
-        watcher = _Watcher(request.service)
+        watcher = _Watcher(self._aliases.get(request.service, request.service))
         self._watchers.add(watcher)
         try:
             sent = None

@@ -29,11 +29,14 @@ import grpc
 from petsage_grpc.logs.records import light_record
 
 if TYPE_CHECKING:
+    from petsage_grpc.server.http.listener import Request
     from petsage_grpc.server.metrics import Metrics
 
 ACCESS_LOGGER = "petsage_grpc.access"
 #: User agents of probes; grpc appends its own after the caller's, so these are prefixes.
 PROBE_AGENTS = ("kube-probe/", "grpc_health_probe")
+#: HTTP routes whose probe requests are counted, not logged, as gRPC health calls are.
+HTTP_HEALTH_ROUTES = frozenset({"/livez", "/readyz", "/healthz", "/health"})
 #: Longest user agent or request id copied into a record: they come from the caller.
 MAX_FIELD = 256
 _ACCESS = logging.getLogger(ACCESS_LOGGER)
@@ -106,6 +109,25 @@ class CallObserver:
             ACCESS_LOGGER, "%s %s %.3fms peer=%s user_agent=%s request_id=%s",
             (path, code.name, seconds * 1000, start.peer, json.dumps(start.user_agent),
              json.dumps(start.request_id)), fields))
+
+
+    def finished_http(self, request: Request, route: str, status: int, seconds: float) -> None:
+        """Record an HTTP request answered with ``status`` (``route``: its path, or ``other``)."""
+        if self._metrics is not None:
+            self._metrics.observe_http(route, status, seconds)
+        if not self._access_log or not _ACCESS.isEnabledFor(logging.INFO):
+            return
+        user_agent = request.headers.get("user-agent", "")[:MAX_FIELD]
+        if route in HTTP_HEALTH_ROUTES and not self._log_probes and user_agent.startswith(PROBE_AGENTS):
+            self.unlogged_probe_calls += 1
+            return
+        method = f"{request.method[:16]} {route}"  # the route, not the caller's path: a known, short string
+        request_id = request.headers.get("x-request-id", "")[:MAX_FIELD]
+        fields = {"method": method, "code": str(status), "duration_ms": round(seconds * 1000, 3),
+                  "peer": request.peer, "user_agent": user_agent, "request_id": request_id}
+        self._enqueue(light_record(
+            ACCESS_LOGGER, "%s %d %.3fms peer=%s user_agent=%s request_id=%s",
+            (method, status, seconds * 1000, request.peer, json.dumps(user_agent), json.dumps(request_id)), fields))
 
 
 def code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:

@@ -15,10 +15,11 @@ class BindError(RuntimeError):
     """The server cannot listen on the configured address."""
 
 
-def check_bindable(address: str) -> None:
+def check_bindable(address: str, what: str = "") -> None:
     """Fail with a precise :class:`BindError` if ``address`` cannot be listened on.
 
     The trial bind uses SO_REUSEADDR, as grpc does, and no SO_REUSEPORT.
+    ``what`` names the listener in the message (``"HTTP "``).
     """
     if address.startswith("unix:"):
         return
@@ -29,16 +30,16 @@ def check_bindable(address: str) -> None:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(f"cannot listen on {address}: cannot resolve {host!r} ({exc.strerror})") from None
+        raise BindError(f"cannot listen on {what}{address}: cannot resolve {host!r} ({exc.strerror})") from None
     for family, kind, proto, _, sockaddr in infos:
         try:
             bind_socket(family, kind, proto, sockaddr, socket.SO_REUSEADDR).close()
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise BindError(f"cannot listen on {address}: the port is already in use") from None
+                raise BindError(f"cannot listen on {what}{address}: the port is already in use") from None
             if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(infos) > 1:
                 continue  # e.g. IPv6 disabled: grpc falls back to what works
-            raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
+            raise BindError(f"cannot listen on {what}{address}: {exc.strerror}") from None
 
 
 def bind_socket(family: int, kind: int, proto: int, sockaddr: tuple[Any, ...], reuse: int) -> socket.socket:

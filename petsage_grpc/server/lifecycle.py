@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,6 +28,9 @@ from petsage_grpc.server.binding import check_bindable
 from petsage_grpc.server.running import Register, Running, Servicer
 from petsage_grpc.server.smoke import new_instance_id
 from petsage_grpc.settings import ServeSettings, SettingError
+
+if TYPE_CHECKING:
+    import ssl
 
 _LOGGER = logging.getLogger(__package__)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
@@ -49,7 +53,7 @@ class PetSageServer:
         self.settings = settings
         self.instance_id = new_instance_id()
         self.address: str | None = None  # the bound address, once started
-        self.metrics_address: str | None = None  # the bound metrics address, once started
+        self.http_address: str | None = None  # the bound HTTP address, once started (with --http-address)
         self._checks: list[Check] = []
         self._servicers: list[Servicer] = []
         self._running: Running | None = None
@@ -98,31 +102,52 @@ class PetSageServer:
             raise RuntimeError("the server has not started")
         return self._running
 
-    async def start(self, pipeline: LogPipeline, *, address: str | None = None, share_port: bool = False) -> str:
+    async def start(self, pipeline: LogPipeline, *, address: str | None = None, http_address: str | None = None,
+                    share_port: bool = False) -> str:
         """Bind, run every check once, publish statuses and start serving.
 
-        ``address`` replaces the settings' address; with ``share_port`` the
-        port is shared with other processes on purpose (SO_REUSEPORT, as
-        ``--workers`` does) instead of checked to be free.  Returns the
-        address actually bound (port 0 replaced by the chosen port).
+        ``address`` and ``http_address`` replace the settings' addresses;
+        with ``share_port`` the ports are shared with other processes on
+        purpose (SO_REUSEPORT, as ``--workers`` does) instead of checked to
+        be free.  Both listeners are bound before either serves: a port that
+        cannot be had stops the start.  Returns the gRPC address actually
+        bound (port 0 replaced by the chosen port), as :attr:`address`; the
+        HTTP one is :attr:`http_address`.
         """
         self._require_not_started()
         settings = self.settings
         address = settings.address if address is None else address
+        http_address = settings.http_address if http_address is None else http_address
         credentials = self.tls_credentials
         if not share_port:
             check_bindable(address)
+            if http_address is not None:
+                check_bindable(http_address, "HTTP ")
         running = self._running = Running(settings, pipeline, instance_id=self.instance_id, checks=self._checks,
                                           servicers=self._servicers, share_port=share_port)
         self.address = running.listen(address, credentials)
-        if running.metrics is not None and settings.metrics_address is not None:
-            self.metrics_address = running.metrics.serve(settings.metrics_address)
+        if running.http is not None and http_address is not None:
+            self.http_address = await running.http.start(http_address, tls=self._http_tls(), share_port=share_port)
         # Liveness depends on nothing outside the process; the watchdog owns it from now on.
         running.health.set(LIVENESS, SERVING, "process started")
         running.watchdog.start()
         await running.runner.start()
         await running.server.start()
+        if running.http is not None:
+            await running.http.start_serving()
         return self.address
+
+    def _http_tls(self) -> ssl.SSLContext | None:
+        """The HTTP side speaks TLS when the gRPC side does, with the same certificate."""
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        from petsage_grpc import tls
+
+        try:
+            return tls.server_ssl_context(settings.tls_cert, settings.tls_key)
+        except tls.TLSError as exc:
+            raise SettingError(str(exc)) from None
 
     async def shutdown(self) -> None:
         """Drain and stop as described in the module docstring, logging each step's timing."""
@@ -151,12 +176,11 @@ class PetSageServer:
         _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", gate.refused)
         # Every tracked call is done; what grpcio still runs is an untracked
         # stream (reflection) or a call that arrived this instant.
-        await running.server.stop(min(STOP_GRACE, max(0.0, grace - (time.monotonic() - closed))))
+        last = min(STOP_GRACE, max(0.0, grace - (time.monotonic() - closed)))
+        await asyncio.gather(running.server.stop(last), *([] if running.http is None else [running.http.close(last)]))
         await running.runner.stop()
         await running.watchdog.stop()
         if running.observer.unlogged_probe_calls:
             _LOGGER.info("%d probe call(s) answered and left out of the access log",
                          running.observer.unlogged_probe_calls)
-        if running.metrics is not None:
-            await asyncio.to_thread(running.metrics.stop)
         _LOGGER.info("stopped after %.3fs", time.monotonic() - started)

@@ -1,4 +1,4 @@
-"""Prometheus metrics, served over HTTP on ``--metrics-address`` (``/metrics``).
+"""Prometheus metrics, served at ``/metrics`` on the HTTP listener (``--http-address ... --metrics``).
 
 Call metrics use the names, labels and code spellings of
 go-grpc-prometheus's handled counter and handling-time histogram
@@ -17,14 +17,9 @@ drift.  This module is imported only when metrics are asked for.
 
 from __future__ import annotations
 
-import logging
-import socket
-import threading
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 from prometheus_client import (
@@ -34,18 +29,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from petsage_grpc import __version__
 from petsage_grpc.codes import go_name
 from petsage_grpc.health.checks import CheckOutcome
 from petsage_grpc.health.statuses import SERVING, status_name
-from petsage_grpc.server.binding import BindError
 
-_LOGGER = logging.getLogger(__package__)
 #: Call latency buckets, seconds: a health check answers in well under a
 #: millisecond, a SmokeTest in about one, and the slowest calls wait on the
 #: log timeout (1 s by default).
@@ -55,7 +48,7 @@ CHECK_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0
 
 @dataclass(frozen=True)
 class ServerState:
-    """Readers of the server's own state, called at scrape time on the HTTP thread."""
+    """Readers of the server's own state, called at scrape time on a thread of their own."""
 
     statuses: Callable[[], dict[str, int]]  # health status table (copied)
     watchers: Callable[[], int]  # open Watch streams
@@ -64,10 +57,12 @@ class ServerState:
     dropped_unqueued: Callable[[], dict[str, int]]  # by reason, log records that reached no sink
     write_failures: Callable[[], dict[str, int]]  # per sink, records it failed to write
     unlogged_probe_calls: Callable[[], int]  # probe calls left out of the access log
+    http_connections: Callable[[], int]  # open HTTP connections
+    http_closed: Callable[[], dict[str, int]]  # HTTP connections closed unanswered, by reason
 
 
 class Metrics:
-    """The registry, its metrics and the HTTP server that exposes them."""
+    """The registry and its metrics; the HTTP listener serves them."""
 
     def __init__(self, instance_id: str) -> None:
         # A registry of our own: an embedding service's metrics on the global
@@ -91,12 +86,19 @@ class Metrics:
             "petsage_health_status_transitions", "Changes of a published health status, by new status.",
             ["service", "status"], registry=self.registry,
         )
+        self._http_requests = Counter(
+            "petsage_http_requests", "HTTP requests answered, by route and status code.",
+            ["route", "code"], registry=self.registry,
+        )
+        self._http_duration = Histogram(
+            "petsage_http_request_duration_seconds", "Time to answer an HTTP request, in seconds.",
+            ["route"], buckets=CALL_BUCKETS, registry=self.registry,
+        )
         self._instance_id = instance_id
         # (method path, code) -> counter child; method path -> histogram child.
         # Labels are looked up once per pair, not on every call.
         self._handled_children: dict[tuple[str, grpc.StatusCode], Counter] = {}
         self._handling_children: dict[str, Histogram] = {}
-        self._http: WSGIServer | None = None
 
     def observe_call(self, kind: str, path: str, code: grpc.StatusCode, seconds: float) -> None:
         """Count one finished call (``path`` is ``/package.Service/Method``); event loop thread only."""
@@ -110,6 +112,11 @@ class Metrics:
         counter.inc()
         histogram.observe(seconds)
 
+    def observe_http(self, route: str, code: int, seconds: float) -> None:
+        """Count one answered HTTP request (``route``: its path, or ``other`` for no route)."""
+        self._http_requests.labels(route, str(code)).inc()
+        self._http_duration.labels(route).observe(seconds)
+
     def observe_check(self, outcome: CheckOutcome) -> None:
         """Record one run of a check."""
         self._check_duration.labels(outcome.name).observe(outcome.duration)
@@ -122,80 +129,15 @@ class Metrics:
         """Export the server's own state, read at every scrape."""
         self.registry.register(_StateCollector(state, self._instance_id))
 
-    def serve(self, address: str) -> str:
-        """Serve ``/metrics`` on ``address`` (HOST:PORT) from a daemon thread; return the bound address."""
-        host, _, port = address.rpartition(":")
-        try:
-            self._http = _bounded_server(host.strip("[]"), int(port), make_wsgi_app(self.registry))
-        except OSError as exc:
-            raise BindError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
-        bound = f"{host}:{self._http.server_port}"
-        _LOGGER.info("metrics on http://%s/metrics", bound)
-        return bound
+    async def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The metrics in the format ``accept`` asks for (Prometheus text, or OpenMetrics), and its content type.
 
-    def stop(self) -> None:
-        """Stop the HTTP server (scrapes in progress finish on their own threads).
-
-        Blocks up to half a second (the server's poll interval): call it off the event loop.
+        Collecting reads /proc and every collector: done on a thread, so a
+        scrape never holds the event loop.
         """
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-
-
-#: Seconds a metrics client may take to send its request or read the answer.
-HTTP_TIMEOUT = 5.0
-#: Scrapes answered at once; further connections are closed at once.
-MAX_SCRAPES = 16
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No line on stderr per request, and a timeout on the socket."""
-
-    timeout = HTTP_TIMEOUT
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Say nothing: the metrics port is scraped every few seconds."""
-
-
-class _BoundedServer(ThreadingMixIn, WSGIServer):
-    """A thread per scrape, at most :data:`MAX_SCRAPES` at once.
-
-    prometheus-client's own server starts a thread for every connection and
-    waits on each for ever: idle connections to the metrics port would
-    pile up threads without bound.
-    """
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
-        self.address_family = family
-        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
-        super().__init__(address, _QuietHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Answer on a thread of its own, or close the connection when every slot is taken."""
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Answer, then free the slot."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-def _bounded_server(host: str, port: int, app: Any) -> _BoundedServer:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    server = _BoundedServer((host, port), family)
-    server.set_app(app)
-    return server
+        encoder, content_type = choose_encoder(accept)
+        body: bytes = await asyncio.to_thread(encoder, self.registry)
+        return body, content_type
 
 
 class _StateCollector(Collector):
@@ -241,6 +183,14 @@ class _StateCollector(Collector):
         for sink, count in state.write_failures().items():
             failures.add_metric([sink], count)
         yield failures
+        yield GaugeMetricFamily("petsage_http_connections", "Open HTTP connections.",
+                                value=state.http_connections())
+        closed = CounterMetricFamily("petsage_http_connections_closed", "HTTP connections closed without an "
+                                     "answer: evicted or refused at the cap, timed out, or malformed.",
+                                     labels=["reason"])
+        for reason, count in state.http_closed().items():
+            closed.add_metric([reason], count)
+        yield closed
         yield CounterMetricFamily("petsage_access_log_probe_calls_unlogged", "Health calls from probes left "
                                   "out of the access log (user agents kube-probe/*, grpc_health_probe); "
                                   "--log-probes logs them.", value=state.unlogged_probe_calls())

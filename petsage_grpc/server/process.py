@@ -70,9 +70,17 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
         loop.add_reader(worker.lifeline_fd, on_orphaned, worker.lifeline_fd)
     try:
         if worker is None:
-            _LOGGER.info("serving on %s", await server.start(pipeline))
-        else:  # the port its supervisor reserved, shared with the other workers
-            address = await server.start(pipeline, address=worker.address, share_port=True)
+            address = await server.start(pipeline)
+        else:  # the ports its supervisor reserved, shared with the other workers
+            address = await server.start(pipeline, address=worker.address, http_address=worker.http_address,
+                                         share_port=True)
+        if server.http_address is not None:
+            scheme = "http" if server.settings.tls_cert is None else "https"
+            _LOGGER.info("HTTP health on %s://%s%s", scheme, server.http_address,
+                         " (metrics at /metrics)" if server.settings.metrics else "")
+        if worker is None:
+            _LOGGER.info("serving on %s", address)
+        else:
             _LOGGER.info("worker %s ready on %s", worker.name, address)
             worker.report_ready()
         await stopping.wait()
@@ -106,7 +114,7 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
         pipeline = configure(sinks, settings.log_format, settings.log_level)
         if settings.workers > 1 and worker is None:
-            return supervise(settings.address, settings.workers)
+            return supervise(settings.address, settings.workers, settings.http_address)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(serve(server, pipeline, worker))
     except SettingError as exc:

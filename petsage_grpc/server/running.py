@@ -14,6 +14,7 @@ else owns (:meth:`Running.publish`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from petsage_grpc.health.checks import Check, CheckOutcome
 from petsage_grpc.health.runner import CheckRunner
 from petsage_grpc.health.servicer import SERVICE_NAME as HEALTH_SERVICE
 from petsage_grpc.health.servicer import HealthServicer
+from petsage_grpc.health.smoke import SmokeTest
 from petsage_grpc.health.watchdog import EVENT_LOOP_CHECK, Watchdog, event_loop_check
 from petsage_grpc.logs.check import LOGGING_CHECK, logging_check
 from petsage_grpc.logs.pipeline import LogPipeline
@@ -35,11 +37,12 @@ from petsage_grpc.server.binding import BindError
 from petsage_grpc.server.gate import Gate
 from petsage_grpc.server.handlers import Handlers, Policy
 from petsage_grpc.server.reflection import add_to_server as add_reflection
-from petsage_grpc.server.smoke import SmokeTestServicer
+from petsage_grpc.server.smoke import Identity, SmokeTestServicer
 from petsage_grpc.server.smoke import add_to_server as add_smoke
 from petsage_grpc.settings import KEEPALIVE_TIMEOUT, PING_STRIKES, ServeSettings
 
 if TYPE_CHECKING:
+    from petsage_grpc.server.http.listener import HttpListener
     from petsage_grpc.server.metrics import Metrics
 
 #: Calls grpc may hold before the loop takes them, beyond the watcher cap.  grpc's
@@ -92,14 +95,15 @@ class Running:
     def __init__(self, settings: ServeSettings, pipeline: LogPipeline, *, instance_id: str,
                  checks: Sequence[Check], servicers: Sequence[Servicer], share_port: bool) -> None:
         self.metrics: Metrics | None = None
-        if settings.metrics_address is not None:
+        if settings.metrics:
             from petsage_grpc.server.metrics import Metrics  # prometheus-client is imported only when used
 
             self.metrics = Metrics(instance_id)
         self.observer = CallObserver(access_log=settings.access_log, log_probes=settings.log_probes,
                                      metrics=self.metrics, enqueue=pipeline.enqueue)
         self.gate = Gate()
-        self.health = HealthServicer(settings.max_watchers)
+        self.health = HealthServicer(settings.max_watchers, aliases=settings.aliases,
+                                     unavailable_unless_serving=settings.unavailable_unless_serving)
         self.watchdog = Watchdog(settings.stall_limit, self._on_stall_change)
         every_check = [
             logging_check(pipeline, settings.log_timeout, settings.check_interval),
@@ -110,8 +114,6 @@ class Running:
         self.follows: dict[str, tuple[str, ...] | None] = {}
         self.runner = CheckRunner(every_check, on_change=self.follow_checks)
         pipeline.add_failure_listener(lambda: self.runner.trigger(LOGGING_CHECK))
-        if self.metrics is not None:
-            self._watch_metrics(self.metrics, pipeline)
         pending = settings.max_watchers + PENDING_HEADROOM
         self.server = grpc.aio.server(options=(
             ("grpc.so_reuseport", 1 if share_port else 0),
@@ -119,10 +121,26 @@ class Running:
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", pending),
         ))
-        smoke_servicer = SmokeTestServicer(self.runner, instance_id, datetime.now(UTC),
-                                                 details=settings.smoke_details)
+        smoke = SmokeTest(self.runner, LOGGING_CHECK, lambda: self.health.draining)
+        identity = Identity(instance_id, datetime.now(UTC))
+        smoke_servicer = SmokeTestServicer(smoke, identity, details=settings.smoke_details)
         served = [Servicer(add_smoke, smoke_servicer, (LOGGING_CHECK,)), *servicers]
         self._register(served, {check.name for check in every_check}, reflect=settings.reflection)
+        self.http: HttpListener | None = None
+        if settings.http_address is not None:
+            self.http = self._http_listener(settings, smoke, identity)
+        if self.metrics is not None:
+            self._watch_metrics(self.metrics, pipeline)
+
+    def _http_listener(self, settings: ServeSettings, smoke: SmokeTest, identity: Identity) -> HttpListener:
+        """The HTTP side, answering from the same parts (h11 is imported only now)."""
+        from petsage_grpc.server.http.listener import HttpListener
+        from petsage_grpc.server.http.routes import HttpHealth
+
+        routes = HttpHealth(health=self.health, runner=self.runner, smoke=smoke, identity=identity, gate=self.gate,
+                            details=settings.smoke_details == "full",
+                            observer=self.observer if self.observer.active else None, metrics=self.metrics)
+        return HttpListener(routes.handle, max_connections=settings.http_max_connections)
 
     def _register(self, served: Sequence[Servicer], known_checks: set[str], *, reflect: bool) -> None:
         """Register every servicer, health and (if ``reflect``) reflection, each behind the gate."""
@@ -183,6 +201,8 @@ class Running:
             dropped_unqueued=pipeline.dropped_unqueued,
             write_failures=pipeline.write_failures,
             unlogged_probe_calls=lambda: self.observer.unlogged_probe_calls,
+            http_connections=lambda: 0 if self.http is None else self.http.connections,
+            http_closed=lambda: {} if self.http is None else dataclasses.asdict(self.http.counts),
         ))
 
     def _on_stall_change(self, alive: bool, reason: str) -> None:

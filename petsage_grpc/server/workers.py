@@ -34,6 +34,8 @@ _LOGGER = logging.getLogger(__package__)
 WORKER_ENV = "PETSAGE_GRPC_WORKER"
 #: In a worker: the address the supervisor reserved (port 0 resolved).
 ADDRESS_ENV = "PETSAGE_GRPC_WORKER_ADDRESS"
+#: In a worker: the HTTP address the supervisor reserved, if HTTP is served.
+HTTP_ADDRESS_ENV = "PETSAGE_GRPC_WORKER_HTTP_ADDRESS"
 #: In a worker: the file descriptor on which it reports that it serves.
 READY_FD_ENV = "PETSAGE_GRPC_WORKER_READY_FD"
 #: In a worker: the file descriptor that reads EOF when the supervisor is gone.
@@ -48,6 +50,7 @@ class Worker:
 
     name: str  # "I/N"
     address: str
+    http_address: str | None
     ready_fd: int
     lifeline_fd: int  # reads EOF once the supervisor has exited
 
@@ -62,16 +65,17 @@ def current_worker() -> Worker | None:
     name = os.environ.get(WORKER_ENV)
     if name is None:
         return None
-    return Worker(name, os.environ[ADDRESS_ENV], int(os.environ[READY_FD_ENV]), int(os.environ[LIFELINE_FD_ENV]))
+    return Worker(name, os.environ[ADDRESS_ENV], os.environ.get(HTTP_ADDRESS_ENV),
+                  int(os.environ[READY_FD_ENV]), int(os.environ[LIFELINE_FD_ENV]))
 
 
-def reserve(address: str) -> tuple[socket.socket, str]:
+def reserve(address: str, what: str = "") -> tuple[socket.socket, str]:
     """Bind (without listening) a SO_REUSEPORT socket on ``address``; return it and the address bound.
 
     Holding it keeps the port ours while workers bind the same port; the
     kernel only hands connections to listening sockets.
     """
-    check_bindable(address)
+    check_bindable(address, what)
     host, _, port = address.rpartition(":")
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -79,17 +83,24 @@ def reserve(address: str) -> tuple[socket.socket, str]:
     try:
         sock = bind_socket(family, kind, proto, sockaddr, socket.SO_REUSEPORT)
     except OSError as exc:
-        raise BindError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise BindError(f"cannot listen on {what}{address}: {exc.strerror}") from None
     return sock, f"{host}:{sock.getsockname()[1]}"
 
 
-def supervise(address: str, count: int) -> int:
-    """Run ``count`` workers serving ``address`` until they stop; return the exit code."""
-    reservation, bound = reserve(address)
+def supervise(address: str, count: int, http_address: str | None = None) -> int:
+    """Run ``count`` workers serving ``address`` (and ``http_address``) until they stop; return the exit code."""
+    reservations = []
     try:
-        return _Supervisor(bound, count).run()
+        reservation, bound = reserve(address)
+        reservations.append(reservation)
+        http_bound = None
+        if http_address is not None:
+            reservation, http_bound = reserve(http_address, "HTTP ")
+            reservations.append(reservation)
+        return _Supervisor(bound, http_bound, count).run()
     finally:
-        reservation.close()
+        for reservation in reservations:
+            reservation.close()
 
 
 class _Supervisor:
@@ -99,8 +110,9 @@ class _Supervisor:
     deadlock on the log queue's lock if the signal lands inside a log call.
     """
 
-    def __init__(self, address: str, count: int) -> None:
+    def __init__(self, address: str, http_address: str | None, count: int) -> None:
         self.address = address
+        self.http_address = http_address
         self.count = count
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
@@ -119,6 +131,7 @@ class _Supervisor:
                 self.children.append(subprocess.Popen(
                     [sys.executable, *sys.orig_argv[1:]],
                     env={**os.environ, WORKER_ENV: f"{number}/{self.count}", ADDRESS_ENV: self.address,
+                         **({} if self.http_address is None else {HTTP_ADDRESS_ENV: self.http_address}),
                          READY_FD_ENV: str(ready_write), LIFELINE_FD_ENV: str(lifeline_read)},
                     pass_fds=(ready_write, lifeline_read),
                     start_new_session=True,  # Ctrl-C reaches the supervisor only, which forwards it

@@ -3,6 +3,7 @@
 from tests.support.app import APP_MODULE, App
 from tests.support.pipes import stall, start_on_small_pipe
 from tests.support.processes import (
+    HTTP_LINE,
     NOT_SERVING,
     PROCESS_TIMEOUT,
     README,
@@ -11,10 +12,12 @@ from tests.support.processes import (
     SERVICE_UNKNOWN,
     SERVING,
     SERVING_LINE,
+    HttpAnswer,
     LineLog,
     ServerProcess,
     Start,
     child,
+    http_request,
     proc_status,
     reaped,
     run_cli,
@@ -24,6 +27,7 @@ from tests.support.processes import (
 
 __all__ = [
     "APP_MODULE",
+    "HTTP_LINE",
     "NOT_SERVING",
     "PROCESS_TIMEOUT",
     "README",
@@ -33,10 +37,12 @@ __all__ = [
     "SERVING",
     "SERVING_LINE",
     "App",
+    "HttpAnswer",
     "LineLog",
     "ServerProcess",
     "Start",
     "child",
+    "http_request",
     "proc_status",
     "reaped",
     "run_cli",

@@ -7,7 +7,7 @@ import os
 import select
 import time
 
-from tests.support.processes import PROCESS_TIMEOUT, SERVING_LINE, ServerProcess, Start
+from tests.support.processes import HTTP_LINE, PROCESS_TIMEOUT, SERVING_LINE, ServerProcess, Start
 
 
 def stall(pipe_write_end: int) -> None:
@@ -39,4 +39,6 @@ def start_on_small_pipe(start: Start, *args: str) -> tuple[ServerProcess, int, i
         if select.select([read_end], [], [], 0.5)[0]:
             output += os.read(read_end, 4096)
     server.address = match[1]
+    http = HTTP_LINE.search(output.decode(errors="replace"))
+    server.http_base = http[1] if http else None
     return server, read_end, write_end

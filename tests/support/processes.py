@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +31,7 @@ RPC_TIMEOUT = 5.0
 #: How long a server gets to start or stop.
 PROCESS_TIMEOUT = 15.0
 SERVING_LINE = re.compile(r"serving on (\S+:\d+)")
+HTTP_LINE = re.compile(r"HTTP health on (https?://\S+:\d+)")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -130,6 +136,7 @@ class ServerProcess:
         self.stdout = LineLog(self.process.stdout if stdout == subprocess.PIPE else None)
         self.stderr = LineLog(self.process.stderr)
         self.address = ""
+        self.http_base: str | None = None  # found in the output by http_url, or set by whoever reads it
         self._channels: list[grpc.Channel] = []
         if wait and stdout == subprocess.PIPE:
             try:
@@ -137,6 +144,18 @@ class ServerProcess:
             except BaseException:
                 self.stop()  # a server that never said it serves must not outlive the test
                 raise
+
+    @property
+    def http_url(self) -> str:
+        """``http://HOST:PORT`` of the server's HTTP listener (started with ``--http-address``)."""
+        if self.http_base is None:
+            self.http_base = self.stdout.wait_for(HTTP_LINE)[1]
+        return self.http_base
+
+    def http(self, path: str, method: str = "GET", headers: dict[str, str] | None = None,
+             timeout: float = RPC_TIMEOUT) -> HttpAnswer:
+        """One HTTP request to the server's HTTP listener, on a connection of its own."""
+        return http_request(self.http_url + path, method, headers, timeout)
 
     def channel(self) -> grpc.Channel:
         """A new channel to the server, closed when the server is stopped."""
@@ -231,3 +250,38 @@ def reaped(processes: list[subprocess.Popen[bytes]]) -> Iterator[list[subprocess
             if process.poll() is None:
                 process.kill()
             process.wait(RPC_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """An HTTP answer: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body, parsed as JSON."""
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        """The body, as UTF-8 text."""
+        return self.body.decode()
+
+
+def http_request(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+                 timeout: float = RPC_TIMEOUT, context: ssl.SSLContext | None = None) -> HttpAnswer:
+    """One request with Python's own HTTP client, on a new connection; redirects are not followed."""
+    parts = urllib.parse.urlsplit(url)
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=context)
+    else:
+        connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    try:
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers or {})
+        answer = connection.getresponse()
+        return HttpAnswer(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+    finally:
+        connection.close()
