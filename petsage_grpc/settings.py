@@ -99,11 +99,23 @@ class ServeSettings:
     # Our own requests are a few bytes (a service name, a reflection symbol).
     max_receive_bytes: int = setting(16 * 1024, count(1024), "BYTES",
                                      "largest request message accepted; larger ones get RESOURCE_EXHAUSTED")
+    request_timeout: float = setting(5.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
+                                     "seconds a call may take to send its whole request message, counted from "
+                                     "the call's start; later, DEADLINE_EXCEEDED")
+    # A call still waiting for its request message holds about 19 KiB: the cap bounds that memory.
+    max_incomplete_requests: int = setting(1_000, count(1, 1_000_000), "N",
+                                           "calls waiting for their request message at once; one more ends the "
+                                           "oldest of them with RESOURCE_EXHAUSTED (bounds their memory)")
     max_streams: int = setting(1_000, count(1), "N",
                                "concurrent calls (streams) one connection may have open; more wait for a free one")
     # An idle connection costs the server about 17 KiB (tests/test_limits.py): the cap bounds that memory.
     max_connections: int = setting(10_000, count(1), "N",
                                    "open connections accepted; further ones are closed at once (bounds memory)")
+    # grpc core's own default is 120 s (and 60 s for the HTTP/2 preface): silent sockets would hold
+    # connection slots for a minute each.
+    handshake_timeout: float = setting(5.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
+                                       "seconds a new connection has to finish its TLS handshake and HTTP/2 "
+                                       "preface; a silent one is closed after this long")
     idle_timeout: float = setting(300.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",
                                   "close a connection that has had no call in flight for this long")
     keepalive_time: float = setting(60.0, seconds(0, False, GRPC_SECONDS_MAX), "SECONDS",

@@ -20,7 +20,8 @@ def test_smoke_ok_prints_result_and_exits_0(server: ServerProcess) -> None:
     assert lines[2].startswith("timestamp: ") and lines[2].endswith("Z")
     assert lines[3].startswith("check logging: STATUS_OK (critical, ")
     assert lines[4].startswith("check event_loop: STATUS_OK (critical, ")
-    assert lines[5].startswith("server: version 0.1.0, instance ")
+    assert lines[5].startswith("check grpc_connections: STATUS_OK (non-critical, ")
+    assert lines[6].startswith("server: version 0.1.0, instance ")
     assert done.stderr == ""
 
 

@@ -19,27 +19,41 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml  # type: ignore[import-untyped, unused-ignore]  # PyYAML ships no types; stubs optional
 
 from petsage_grpc import settings as config
-from petsage_grpc.cli import dispatch as cli
+from petsage_grpc.server.running import PENDING_HEADROOM
 from tests.support import NOT_SERVING, ROOT, SERVING, Start, tool
+from tests.support.deploy import (
+    CPU,
+    DOCKERFILE,
+    MEMORY,
+    Resource,
+    container,
+    container_ports,
+    container_settings,
+    documented_probes,
+    kubelet_probe,
+    last,
+    load_manifests,
+    on_free_ports,
+    port_of,
+    quantity,
+    resource,
+    serve_settings,
+    stages,
+)
 
-Resource = dict[str, Any]
-
-MANIFESTS = ROOT / "deploy" / "kubernetes"
-DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 #: The oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27), and the newest known.
 KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
-#: Probe kind -> the health service it must check.
+#: Probe kind -> the HTTP path it must ask, and the gRPC health service its documented variant asks.
+PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
 PROBE_SERVICES = {"startupProbe": "liveness", "livenessProbe": "liveness", "readinessProbe": "readiness"}
 #: How long the startup probe must wait at least before the kubelet gives up on a slow start.
 STARTUP_BUDGET = 30
@@ -50,78 +64,9 @@ RSS_AFTER_LOAD_MIB = 48
 WATCH_STREAM_KIB = 25
 #: One idle connection, measured by tests/test_limits.py.
 IDLE_CONNECTION_KIB = 17
+#: One call grpc holds (queued for the server, or waiting for its request), measured by tests/test_hostile.py.
+HELD_CALL_KIB = 25
 MEMORY_HEADROOM = 1.25
-#: Units of Kubernetes quantities, in cores and bytes.
-CPU = {"": 1.0, "m": 0.001}
-MEMORY = {"": 1.0, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30}
-#: Flags that name a listening address: the tests move them to free loopback ports.
-ADDRESS_FLAGS = frozenset(s.flag for s in config.SETTINGS if s.name.endswith("address"))
-FREE_PORT = "127.0.0.1:0"
-
-
-def load_manifests() -> list[tuple[str, Resource]]:
-    """Every resource of every YAML file in deploy/kubernetes, with its file name."""
-    paths = sorted([*MANIFESTS.glob("*.yaml"), *MANIFESTS.glob("*.yml")])
-    return [(path.name, doc) for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def resource(kind: str) -> Resource:
-    """The one resource of ``kind`` (a fresh copy, free to change)."""
-    found = [doc for _, doc in load_manifests() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} in {MANIFESTS}, found {len(found)}"
-    return found[0]
-
-
-def container() -> Resource:
-    """The petsage-grpc container of the Deployment."""
-    containers = resource("Deployment")["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["petsage-grpc"]
-    return dict(containers[0])
-
-
-def serve_settings(args: Sequence[str], environ: dict[str, str] | None = None) -> config.ServeSettings:
-    """Parse ``args`` as ``petsage-grpc serve`` does: an unknown flag or a bad value fails the test."""
-    parsed, unknown = cli.build_parser().parse_known_args(["serve", *args])
-    assert not unknown, f"flags petsage-grpc serve does not know: {unknown}"
-    return config.resolve(parsed, environ or {})
-
-
-def container_settings() -> config.ServeSettings:
-    """The settings the container's args and env give the server."""
-    spec = container()
-    environ = {var["name"]: var["value"] for var in spec.get("env", [])}
-    return serve_settings(spec["args"], environ)
-
-
-def port_of(address: str) -> int:
-    """The port of ``HOST:PORT``."""
-    return int(address.rsplit(":", 1)[1])
-
-
-def container_ports() -> dict[str, int]:
-    """Container port name -> number."""
-    return {port["name"]: port["containerPort"] for port in container()["ports"]}
-
-
-def on_free_ports(args: Sequence[str]) -> list[str]:
-    """``args`` with every listening address (``--flag=ADDR`` or ``--flag ADDR``) on a free loopback port."""
-    moved: list[str] = []
-    for arg in args:
-        flag, equals, _ = arg.partition("=")
-        if moved and moved[-1] in ADDRESS_FLAGS:
-            moved.append(FREE_PORT)
-        elif equals and flag in ADDRESS_FLAGS:
-            moved.append(f"{flag}={FREE_PORT}")
-        else:
-            moved.append(arg)
-    return moved
-
-
-def quantity(value: object, units: dict[str, float]) -> float:
-    """A Kubernetes quantity (``100m``, ``1``, ``256Mi``) in base units."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value))
-    assert match and match[2] in units, f"unexpected quantity {value!r}"
-    return float(match[1]) * units[match[2]]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -138,8 +83,8 @@ def test_manifests_hold_the_deployment_and_its_service() -> None:
 
 BREAKAGES: dict[str, Callable[[Resource], None]] = {
     # A gRPC probe takes a port number; a named port is an error the API server rejects.
-    "named grpc probe port": lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]
-    .update(port="grpc"),
+    "named grpc probe port": lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
+        livenessProbe={"grpc": {"port": "grpc", "service": "liveness"}}),
     "misspelled field": lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=30),
     "replicas as text": lambda d: d["spec"].update(replicas="2"),
 }
@@ -159,17 +104,29 @@ def test_container_args_are_flags_serve_accepts() -> None:
     assert "command" not in container(), "the image's entry point is petsage-grpc serve"
 
 
-def test_probes_are_native_grpc_on_the_serving_port() -> None:
-    spec, grpc_port = container(), port_of(container_settings().address)
-    assert container_ports()["grpc"] == grpc_port
-    for kind, service in PROBE_SERVICES.items():
+def test_probes_ask_livez_and_readyz_on_the_http_port() -> None:
+    spec, settings = container(), container_settings()
+    assert settings.http_address is not None and container_ports()["http"] == port_of(settings.http_address)
+    for kind, path in PROBE_PATHS.items():
         probe = spec[kind]
-        assert probe["grpc"] == {"port": grpc_port, "service": service}, kind
-        assert {"exec", "httpGet", "tcpSocket"}.isdisjoint(probe), kind
+        assert probe["httpGet"] == {"path": path, "port": "http"}, kind
+        assert {"exec", "grpc", "tcpSocket"}.isdisjoint(probe), kind
         # The kubelet's whole budget for connecting and calling.
         assert probe["timeoutSeconds"] >= 1, kind
     startup = spec["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_BUDGET
+
+
+def test_the_documented_grpc_probes_ask_liveness_and_readiness_on_the_grpc_port() -> None:
+    spec, grpc_port = container(), port_of(container_settings().address)
+    variant = documented_probes("grpc")
+    assert container_ports()["grpc"] == grpc_port
+    assert set(variant) == set(PROBE_PATHS)
+    for kind, service in PROBE_SERVICES.items():
+        assert variant[kind]["grpc"] == {"port": grpc_port, "service": service}, kind
+        # The same timing as the probes in use.
+        assert {k: v for k, v in variant[kind].items() if k != "grpc"} == {
+            k: v for k, v in spec[kind].items() if k != "httpGet"}, kind
 
 
 def test_termination_grace_exceeds_drain_plus_grace() -> None:
@@ -203,8 +160,9 @@ def test_resources_fit_the_idle_server_and_every_watcher() -> None:
     for name, units in (("cpu", CPU), ("memory", MEMORY)):
         assert 0 < quantity(resources["requests"][name], units) <= quantity(resources["limits"][name], units)
     settings = container_settings()
+    held_calls = settings.max_watchers + PENDING_HEADROOM + settings.max_incomplete_requests
     need = (RSS_AFTER_LOAD_MIB * 2**20 + settings.max_watchers * WATCH_STREAM_KIB * 2**10
-            + settings.max_connections * IDLE_CONNECTION_KIB * 2**10)
+            + settings.max_connections * IDLE_CONNECTION_KIB * 2**10 + held_calls * HELD_CALL_KIB * 2**10)
     assert quantity(resources["limits"]["memory"], MEMORY) >= need * MEMORY_HEADROOM
 
 
@@ -239,59 +197,22 @@ def test_deployment_args_serve_its_probes_and_stop_within_the_grace_period(start
     period = resource("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     server = start_server(*on_free_ports(spec["args"]), address="")
     server.wait_for_health("readiness", SERVING)
-    for kind, service in PROBE_SERVICES.items():
-        assert server.health(service, timeout=spec[kind]["timeoutSeconds"]) == SERVING, kind
+    grpc_variant = documented_probes("grpc")
+    for kind in PROBE_PATHS:
+        assert kubelet_probe(server, spec[kind]), kind
+        assert kubelet_probe(server, grpc_variant[kind]), f"{kind}, documented gRPC variant"
     signalled = time.monotonic()
     server.signal(signal.SIGTERM)
     server.wait_for_health("readiness", NOT_SERVING)  # readiness probes fail while it drains...
-    assert server.health("liveness", timeout=spec["livenessProbe"]["timeoutSeconds"]) == SERVING  # ...not liveness
+    assert not kubelet_probe(server, spec["readinessProbe"])
+    assert not kubelet_probe(server, grpc_variant["readinessProbe"])
+    assert kubelet_probe(server, spec["livenessProbe"])  # ...not liveness
+    assert kubelet_probe(server, grpc_variant["livenessProbe"])
     assert server.wait(timeout=period) == 0
     assert settings.drain <= time.monotonic() - signalled < period
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One Dockerfile instruction, continuation lines joined."""
-
-    keyword: str
-    value: str
-
-
-def instructions(text: str) -> list[Instruction]:
-    """The instructions of a Dockerfile, comments and parser directives left out."""
-    found: list[Instruction] = []
-    pending: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        pending.append(stripped.removesuffix("\\").strip())
-        if not stripped.endswith("\\"):
-            keyword, _, value = " ".join(pending).partition(" ")
-            found.append(Instruction(keyword.upper(), value.strip()))
-            pending = []
-    return found
-
-
-def stages() -> list[list[Instruction]]:
-    """The Dockerfile's build stages, each from its FROM on."""
-    result: list[list[Instruction]] = []
-    for instruction in instructions(DOCKERFILE.read_text()):
-        if instruction.keyword == "FROM":
-            result.append([])
-        assert result, f"{instruction.keyword} before the first FROM"
-        result[-1].append(instruction)
-    return result
-
-
-def last(stage: list[Instruction], keyword: str) -> str:
-    """The value of the stage's last ``keyword`` instruction (the one that counts)."""
-    values = [i.value for i in stage if i.keyword == keyword]
-    assert values, f"no {keyword} in the final stage"
-    return values[-1]
 
 
 def healthcheck() -> tuple[list[str], float]:

@@ -283,7 +283,7 @@ def test_watch_disconnect_storms_release_every_slot(start_app: Callable[..., App
             while True:
                 try:
                     async with watching(server.address, "readiness", MAX_WATCHERS) as crowd:
-                        past_cap = await _one_more_watch(server.address)
+                        past_cap = await _one_more_watch(crowd.channels[0])  # the holder's own connection
                         app.steer("database", "raise down")
                         changes = await crowd.next_statuses(timeout=RPC_TIMEOUT)
                         server.signal(signal.SIGTERM)
@@ -301,20 +301,23 @@ def test_watch_disconnect_storms_release_every_slot(start_app: Callable[..., App
     assert "Traceback" not in server.stderr.text() + server.stdout.text()
 
 
-async def _one_more_watch(address: str) -> grpc.StatusCode:
-    """The code of one more Watch stream on ``address`` (RESOURCE_EXHAUSTED when the cap is full)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        extra = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service="readiness"), timeout=RPC_TIMEOUT
-        )
-        try:
-            await extra.read()
-        except grpc.aio.AioRpcError:
-            pass
-        else:
-            extra.cancel()
-        code: grpc.StatusCode = await extra.code()
-        return code
+async def _one_more_watch(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """The code of one more Watch stream on ``channel`` (RESOURCE_EXHAUSTED when the cap is full).
+
+    On the connection that holds the slots: another connection would take one
+    of them, as callers holding fewer do (see test_hostile.py).
+    """
+    extra = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="readiness"), timeout=RPC_TIMEOUT
+    )
+    try:
+        await extra.read()
+    except grpc.aio.AioRpcError:
+        pass
+    else:
+        extra.cancel()
+    code: grpc.StatusCode = await extra.code()
+    return code
 
 
 #: Watch streams that vanish while a status change is sent to them, and how many times.

@@ -85,8 +85,9 @@ def test_grpcurl_calls_smoke_test(server: ServerProcess) -> None:
     assert answer["status"] == "STATUS_OK"
     assert answer["message"] == "PetSage services are running and logging is active."
     assert RFC3339_UTC.match(answer["timestamp"]), answer["timestamp"]
-    assert [(c["name"], c["status"], c["critical"]) for c in answer["checks"]] == [
-        ("logging", "STATUS_OK", True), ("event_loop", "STATUS_OK", True)
+    # A field at its default is left out of protobuf's JSON: "critical": false is absent.
+    assert [(c["name"], c["status"], c.get("critical", False)) for c in answer["checks"]] == [
+        ("logging", "STATUS_OK", True), ("event_loop", "STATUS_OK", True), ("grpc_connections", "STATUS_OK", False)
     ]
     assert set(answer["server"]) == {"version", "instance_id", "start_time"}
 

@@ -24,8 +24,8 @@ def test_checks_of_an_embedding_service_appear_in_order_and_pass(app: App) -> No
     response = app.server.smoke()
 
     assert [(c.name, c.critical) for c in response.checks] == [
-        ("logging", True), ("event_loop", True), ("database", True), ("cache", False), ("wrapped", False),
-        ("legacy", False), ("publisher", False),
+        ("logging", True), ("event_loop", True), ("grpc_connections", False), ("database", True), ("cache", False),
+        ("wrapped", False), ("legacy", False), ("publisher", False),
     ]
     assert response.status == smoke_pb2.STATUS_OK
     assert app.check_result("legacy").detail == "legacy answers"
@@ -37,7 +37,7 @@ def test_statuses_are_published_once_every_check_has_run(app: App) -> None:
     first_status = next(i for i, line in enumerate(lines) if "health status of 'readiness'" in line)
     passing = [i for i, line in enumerate(lines) if " is passing: " in line]
 
-    assert len(passing) == 7 and max(passing) < first_status
+    assert len(passing) == 8 and max(passing) < first_status
     assert "UNKNOWN -> SERVING" in lines[first_status]
 
 

@@ -16,17 +16,14 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
-import yaml  # type: ignore[import-untyped, unused-ignore]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc.server.http.listener import HEAD_TIMEOUT, MAX_HEAD_BYTES
 from tests.certs import make_certs
-from tests.support import ROOT, RPC_TIMEOUT, SERVING, ServerProcess, Start, http_request
+from tests.support import RPC_TIMEOUT, SERVING, ServerProcess, Start, http_request
+from tests.support.deploy import PROBE_KINDS, container, kubelet_probe
 
 HTTP = ("--http-address", "127.0.0.1:0")
-#: What the kubelet's HTTP prober sends and accepts (k8s.io/kubernetes/pkg/probe/http).
-KUBELET = {"User-Agent": "kube-probe/1.31", "Accept": "*/*"}
-KUBELET_PASS = range(200, 400)
 
 
 def raw(server: ServerProcess, data: bytes, timeout: float = RPC_TIMEOUT) -> bytes:
@@ -180,29 +177,13 @@ def test_two_workers_share_the_http_port_too(start_server: Start) -> None:
     assert server.wait() == 0
 
 
-def manifest_http_probes() -> dict[str, dict[str, object]]:
-    """The httpGet variant the Deployment documents, parsed from its comment lines."""
-    text = (ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text()
-    lines = [line.strip().removeprefix("#").strip() for line in text.splitlines()
-             if line.strip().startswith("#") and "httpGet" in line]
-    probes: dict[str, dict[str, object]] = {}
-    for line in lines:
-        probes.update(yaml.safe_load(line))
-    return probes
-
-
 @pytest.mark.parametrize(("log_file", "ready"), [(None, True), ("/dev/full", False)])
 def test_the_manifests_http_probes_pass_and_fail_as_the_kubelet_reads_them(
     start_server: Start, log_file: str | None, ready: bool
 ) -> None:
-    probes = manifest_http_probes()
-    assert set(probes) == {"startupProbe", "livenessProbe", "readinessProbe"}
+    spec = container()
     server = start_server(*HTTP, *(("--log-file", log_file) if log_file else ()))
 
-    for kind, probe in probes.items():
-        http_get = probe["httpGet"]
-        assert isinstance(http_get, dict) and http_get["port"] == "http"
-        answer = http_request(server.http_url + str(http_get["path"]), headers=KUBELET, timeout=1.0)
-        passes = answer.status in KUBELET_PASS
-        assert passes is (ready or kind != "readinessProbe"), (kind, answer.status)
+    for kind in PROBE_KINDS:
+        assert kubelet_probe(server, spec[kind]) is (ready or kind != "readinessProbe"), kind
     assert not [line for line in server.stdout.lines if "kube-probe" in line]  # probes are counted, not logged

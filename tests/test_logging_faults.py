@@ -42,7 +42,7 @@ def assert_failing(server: ServerProcess, *fragments: str) -> smoke_pb2.CheckRes
     response = server.smoke()
     assert response.status == smoke_pb2.STATUS_FAILING
     assert response.message == "PetSage services are failing: logging."
-    check, loop_check = response.checks
+    check, loop_check, _ = response.checks
     assert (check.name, check.status) == ("logging", smoke_pb2.STATUS_FAILING)
     assert (loop_check.name, loop_check.status) == ("event_loop", smoke_pb2.STATUS_OK)
     for fragment in fragments:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import grpc
@@ -28,9 +29,12 @@ def test_smoke_test_reports_ok_with_timestamp_in_call_window(server: ServerProce
 def test_smoke_test_logging_check_names_a_record_that_reached_stdout(server: ServerProcess) -> None:
     response = server.smoke()
 
-    check, loop_check = response.checks
+    check, loop_check, connections = response.checks
     assert (check.name, check.status, check.critical) == ("logging", smoke_pb2.STATUS_OK, True)
     assert (loop_check.name, loop_check.status, loop_check.critical) == ("event_loop", smoke_pb2.STATUS_OK, True)
+    assert (connections.name, connections.status, connections.critical) == (
+        "grpc_connections", smoke_pb2.STATUS_OK, False)
+    assert re.fullmatch(r"\d+ of 10000 gRPC connections open", connections.detail)
     assert check.duration.ToNanoseconds() > 0
     probe_id = check.detail.split()[1]
     assert check.detail == f"record {probe_id} delivered to stdout"

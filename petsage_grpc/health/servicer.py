@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
 from petsage_grpc.health.statuses import LIVENESS, NOT_SERVING, SERVICE_UNKNOWN, SERVING, StatusValue, status_name
+from petsage_grpc.health.watchers import WatcherTable
 
 _LOGGER = logging.getLogger(__package__)
 
@@ -26,22 +27,14 @@ SERVICE_NAME = _health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 MAX_LIST_SERVICES = 100
 #: Concurrent Watch streams allowed before RESOURCE_EXHAUSTED.
 DEFAULT_MAX_WATCHERS = 10_000
+#: Of those, streams on names that have no status yet.
+DEFAULT_MAX_UNKNOWN = 100
 
 # One immutable answer per status, built once: Check allocates nothing.
 _ANSWERS = {
     status: _health_pb2.HealthCheckResponse(status=status)
     for status in _health_pb2.HealthCheckResponse.ServingStatus.values()
 }
-
-
-class _Watcher:
-    """One open Watch stream: the service it watches and its wake-up event."""
-
-    __slots__ = ("service", "wakeup")
-
-    def __init__(self, service: str) -> None:
-        self.service = service
-        self.wakeup = asyncio.Event()
 
 
 class HealthServicer(_health_pb2_grpc.HealthServicer):
@@ -51,8 +44,11 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     """
 
     def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS, *, aliases: Mapping[str, str] | None = None,
-                 unavailable_unless_serving: bool = False) -> None:
+                 unavailable_unless_serving: bool = False, max_unknown_watchers: int = DEFAULT_MAX_UNKNOWN) -> None:
         """``aliases`` maps extra names to the name whose status each answers.
+
+        ``max_watchers`` caps the open Watch streams, ``max_unknown_watchers``
+        those on names with no status yet (see :mod:`~petsage_grpc.health.watchers`).
 
         With ``unavailable_unless_serving``, Check answers any status but
         SERVING as the gRPC error UNAVAILABLE, for load balancers that read
@@ -65,8 +61,8 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         # thread alone changes after start (set_threadsafe): that thread never
         # adds a key, so iterating here on the loop is safe.
         self._statuses: dict[str, StatusValue] = {}
-        self._watchers: set[_Watcher] = set()
-        self._max_watchers = max_watchers
+        #: The open Watch streams and their holders.
+        self.watch_table = WatcherTable(max_watchers, max_unknown_watchers)
         self._frozen: tuple[str, ...] | None = None  # once draining: the names set() may still change
         self._closing = False  # once True, open and new watches end after their first answer
         #: Called with (service, old, new) on every change, from the thread that made it.
@@ -75,7 +71,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     @property
     def watchers(self) -> int:
         """How many Watch streams are open."""
-        return len(self._watchers)
+        return len(self.watch_table)
 
     @property
     def draining(self) -> bool:
@@ -130,7 +126,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         return statuses
 
     def _wake(self, service: str) -> None:
-        for watcher in self._watchers:
+        for watcher in self.watch_table:
             if watcher.service == service:
                 watcher.wakeup.set()
 
@@ -144,7 +140,7 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
     def end_watches(self) -> None:
         """End every open Watch with UNAVAILABLE, and later ones after their first answer."""
         self._closing = True
-        for watcher in self._watchers:
+        for watcher in self.watch_table:
             watcher.wakeup.set()
 
     async def Check(
@@ -178,16 +174,17 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
         self, request: _health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[_health_pb2.HealthCheckResponse]:
         """Send the current status, then each change, until the stream ends."""
-        if len(self._watchers) >= self._max_watchers:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many watchers (limit {self._max_watchers})"
-            )
-        watcher = _Watcher(self._aliases.get(request.service, request.service))
-        self._watchers.add(watcher)
+        service = self._aliases.get(request.service, request.service)
+        watcher = self.watch_table.admit(service, context.peer(), known=service in self._statuses)
+        if isinstance(watcher, str):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, watcher)
+            return
         try:
             sent = None
             while True:
                 watcher.wakeup.clear()
+                if watcher.evicted:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, watcher.evicted)
                 status = self._statuses.get(watcher.service, SERVICE_UNKNOWN)
                 if status != sent:
                     sent = status
@@ -201,5 +198,5 @@ class HealthServicer(_health_pb2_grpc.HealthServicer):
                     )
                 await watcher.wakeup.wait()
         finally:
-            self._watchers.discard(watcher)
+            self.watch_table.discard(watcher)
 

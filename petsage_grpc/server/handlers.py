@@ -4,12 +4,15 @@ Each service is registered with a :class:`Policy`: whether the gate refuses
 its calls once closed (not the health service, which keeps answering
 NOT_SERVING for readiness and SERVING for liveness until the end), and
 whether its calls count as in flight (not reflection streams, which an
-interactive tool may hold open for ever).  The wrapper parses single
-requests itself, so that malformed bytes get INVALID_ARGUMENT instead of
-grpcio's UNKNOWN with a traceback, and hands every call's method, duration
-and status code to a :class:`~petsage_grpc.server.access.CallObserver`
-(access log, metrics).  Handlers are wrapped once, at registration: a call
-costs one object and one coroutine frame of ours, and no interceptor.
+interactive tool may hold open for ever).  A method with a single request
+is registered as request-streaming, so that its handler starts with the
+call and reads the message itself, with a deadline
+(:mod:`petsage_grpc.server.requests`); the wrapper parses it, so that
+malformed bytes get INVALID_ARGUMENT instead of grpcio's UNKNOWN with a
+traceback.  Every call's method, duration and status code go to a
+:class:`~petsage_grpc.server.access.CallObserver` (access log, metrics).
+Handlers are wrapped once, at registration: a call costs one object and one
+coroutine frame of ours, and no interceptor.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import grpc
 
 from petsage_grpc.server.access import CallObserver, CallStart, code_of
 from petsage_grpc.server.gate import Gate
+from petsage_grpc.server.requests import RequestReader
 
 _LOGGER = logging.getLogger(__package__)
 #: Method paths of the health service, whose probe calls the access log may leave out.
@@ -58,7 +62,7 @@ class _Call:
     """One call through a wrapped handler: a ``with`` block around all the handler does.
 
     Entering notes the call's start for the observer; :meth:`admit` passes
-    the gate and parses the request; leaving lets the gate know the call is
+    the gate, reads the request and parses it; leaving lets the gate know the call is
     over and records how it ended (an exception included: an abort, a
     cancellation, the stream closed by the client).
     """
@@ -78,8 +82,12 @@ class _Call:
             self._start = observer.begin(self._context, self._method.health)
         return self
 
-    async def admit(self, request: Any) -> Any:
-        """Pass the gate (UNAVAILABLE once it is closed) and parse a single request (INVALID_ARGUMENT)."""
+    async def admit(self, requests: Any) -> Any:
+        """Pass the gate (UNAVAILABLE once it is closed); then read and parse a single request (INVALID_ARGUMENT).
+
+        ``requests`` is what grpcio handed the handler: the request iterator
+        of a streaming method, returned as it is.
+        """
         gate, policy, parse = self._handlers.gate, self._method.policy, self._method.parse
         if policy.refuse and not gate.open:
             gate.refuse()
@@ -88,9 +96,10 @@ class _Call:
             gate.enter()
             self._tracked = True
         if parse is None:
-            return request
+            return requests
+        message = await self._handlers.requests.read(self._context)
         try:
-            return parse(request)
+            return parse(message)
         except Exception:
             await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {_message_name(parse)}")
 
@@ -108,11 +117,12 @@ class _Call:
 
 
 class Handlers:
-    """Wraps handlers so that their calls pass ``gate`` and are reported to ``observer`` (if any)."""
+    """Wraps handlers: their calls pass ``gate``, read their request through ``requests``, reach ``observer``."""
 
-    def __init__(self, gate: Gate, observer: CallObserver | None) -> None:
+    def __init__(self, gate: Gate, observer: CallObserver | None, requests: RequestReader) -> None:
         self.gate = gate
         self.observer = observer
+        self.requests = requests
 
     def wrap(self, handler: grpc.RpcMethodHandler, policy: Policy, path: str) -> grpc.RpcMethodHandler:
         """``handler`` of method ``path``, its behaviour wrapped (handlers are namedtuples)."""
@@ -120,19 +130,23 @@ class Handlers:
             behaviour = getattr(handler, attribute)
             if behaviour is None:
                 continue
-            parse = None if handler.request_streaming else handler.request_deserializer
-            if parse is not None:
-                handler = handler._replace(request_deserializer=None)  # parsed by _Call.admit
-            method = _Method(kind, path, policy, parse, path.startswith(HEALTH_PREFIX))
-            return handler._replace(**{attribute: self._wrapped(behaviour, method)})
+            method = _Method(kind, path, policy, None if handler.request_streaming else handler.request_deserializer,
+                             path.startswith(HEALTH_PREFIX))
+            wrapped = self._wrapped(behaviour, method)
+            if handler.request_streaming:
+                return handler._replace(**{attribute: wrapped})
+            # A single request is read by the handler itself (see requests.py): request-streaming on the wire.
+            streaming = "stream_stream" if handler.response_streaming else "stream_unary"
+            return handler._replace(request_streaming=True, request_deserializer=None,
+                                    **{attribute: None, streaming: wrapped})
         return handler
 
     def _wrapped(self, behaviour: Any, method: _Method) -> Any:
         if inspect.isasyncgenfunction(behaviour):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 with _Call(self, method, context) as call:
-                    request = await call.admit(request)
+                    request = await call.admit(requests)
                     async for response in behaviour(request, context):
                         yield response
 
@@ -140,9 +154,9 @@ class Handlers:
         if not inspect.iscoroutinefunction(behaviour):
             raise TypeError(f"{behaviour!r}: the asyncio server needs async handlers")
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             with _Call(self, method, context) as call:
-                request = await call.admit(request)
+                request = await call.admit(requests)
                 return await behaviour(request, context)
 
         return unary

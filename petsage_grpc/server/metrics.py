@@ -59,6 +59,10 @@ class ServerState:
     unlogged_probe_calls: Callable[[], int]  # probe calls left out of the access log
     http_connections: Callable[[], int]  # open HTTP connections
     http_closed: Callable[[], dict[str, int]]  # HTTP connections closed unanswered, by reason
+    incomplete_requests: Callable[[], dict[str, int]]  # calls ended for want of a request message, by outcome
+    waiting_requests: Callable[[], int]  # calls waiting for their request message now
+    grpc_connections: Callable[[], int]  # established connections on the gRPC port
+    watch_refused: Callable[[], dict[str, int]]  # Watch streams turned away, by reason
 
 
 class Metrics:
@@ -170,6 +174,12 @@ class _StateCollector(Collector):
         yield last
         yield GaugeMetricFamily("petsage_watch_streams", "Open grpc.health.v1.Health/Watch streams.",
                                 value=state.watchers())
+        refused = CounterMetricFamily("petsage_watch_refused", "Watch streams turned away: refused at the cap, "
+                                      "unknown_refused (names with no status), or evicted for a caller holding "
+                                      "fewer.", labels=["reason"])
+        for reason, count in state.watch_refused().items():
+            refused.add_metric([reason], count)
+        yield refused
         yield GaugeMetricFamily("petsage_calls_in_flight", "Calls running (reflection streams excepted).",
                                 value=state.in_flight())
         dropped = CounterMetricFamily("petsage_log_records_dropped", "Log records that reached no sink: "
@@ -183,6 +193,8 @@ class _StateCollector(Collector):
         for sink, count in state.write_failures().items():
             failures.add_metric([sink], count)
         yield failures
+        yield GaugeMetricFamily("petsage_grpc_connections", "Established connections on the gRPC port.",
+                                value=state.grpc_connections())
         yield GaugeMetricFamily("petsage_http_connections", "Open HTTP connections.",
                                 value=state.http_connections())
         closed = CounterMetricFamily("petsage_http_connections_closed", "HTTP connections closed without an "
@@ -191,6 +203,13 @@ class _StateCollector(Collector):
         for reason, count in state.http_closed().items():
             closed.add_metric([reason], count)
         yield closed
+        yield GaugeMetricFamily("petsage_requests_waiting", "Calls waiting for their request message now.",
+                                value=state.waiting_requests())
+        incomplete = CounterMetricFamily("petsage_incomplete_requests", "Calls ended for want of a whole request "
+                                         "message: empty, timed_out, or evicted at the cap.", labels=["outcome"])
+        for why, count in state.incomplete_requests().items():
+            incomplete.add_metric([why], count)
+        yield incomplete
         yield CounterMetricFamily("petsage_access_log_probe_calls_unlogged", "Health calls from probes left "
                                   "out of the access log (user agents kube-probe/*, grpc_health_probe); "
                                   "--log-probes logs them.", value=state.unlogged_probe_calls())

@@ -34,9 +34,11 @@ from petsage_grpc.logs.check import LOGGING_CHECK, logging_check
 from petsage_grpc.logs.pipeline import LogPipeline
 from petsage_grpc.server.access import CallObserver
 from petsage_grpc.server.binding import BindError
+from petsage_grpc.server.connections import connections_check, established
 from petsage_grpc.server.gate import Gate
 from petsage_grpc.server.handlers import Handlers, Policy
 from petsage_grpc.server.reflection import add_to_server as add_reflection
+from petsage_grpc.server.requests import RequestReader
 from petsage_grpc.server.smoke import Identity, SmokeTestServicer
 from petsage_grpc.server.smoke import add_to_server as add_smoke
 from petsage_grpc.settings import KEEPALIVE_TIMEOUT, PING_STRIKES, ServeSettings
@@ -73,6 +75,7 @@ def connection_options(settings: ServeSettings) -> tuple[tuple[str, int], ...]:
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_concurrent_streams", settings.max_streams),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout)),
         ("grpc.max_connection_idle_ms", ms(settings.idle_timeout)),
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time)),
         ("grpc.keepalive_timeout_ms", ms(KEEPALIVE_TIMEOUT)),
@@ -102,12 +105,16 @@ class Running:
         self.observer = CallObserver(access_log=settings.access_log, log_probes=settings.log_probes,
                                      metrics=self.metrics, enqueue=pipeline.enqueue)
         self.gate = Gate()
+        self.requests = RequestReader(settings.request_timeout, settings.max_incomplete_requests)
         self.health = HealthServicer(settings.max_watchers, aliases=settings.aliases,
                                      unavailable_unless_serving=settings.unavailable_unless_serving)
         self.watchdog = Watchdog(settings.stall_limit, self._on_stall_change)
+        #: The gRPC port, once bound (None for a unix: address).
+        self.port: int | None = None
         every_check = [
             logging_check(pipeline, settings.log_timeout, settings.check_interval),
             event_loop_check(self.watchdog, settings.check_interval),
+            connections_check(lambda: self.port, settings.max_connections, settings.check_interval),
             *checks,
         ]
         #: Each served service, and the checks its status follows (None: readiness).
@@ -144,7 +151,7 @@ class Running:
 
     def _register(self, served: Sequence[Servicer], known_checks: set[str], *, reflect: bool) -> None:
         """Register every servicer, health and (if ``reflect``) reflection, each behind the gate."""
-        handlers = Handlers(self.gate, self.observer if self.observer.active else None)
+        handlers = Handlers(self.gate, self.observer if self.observer.active else None, self.requests)
         for entry in served:
             registrar = handlers.registrar(self.server)
             entry.register(entry.servicer, registrar)
@@ -186,6 +193,7 @@ class Running:
             return address
         if port == 0:
             raise BindError(f"cannot listen on {address}")
+        self.port = port
         return f"{address.rpartition(':')[0]}:{port}"
 
     def _watch_metrics(self, metrics: Metrics, pipeline: LogPipeline) -> None:
@@ -203,6 +211,10 @@ class Running:
             unlogged_probe_calls=lambda: self.observer.unlogged_probe_calls,
             http_connections=lambda: 0 if self.http is None else self.http.connections,
             http_closed=lambda: {} if self.http is None else dataclasses.asdict(self.http.counts),
+            incomplete_requests=lambda: dataclasses.asdict(self.requests.counts),
+            waiting_requests=lambda: self.requests.waiting,
+            grpc_connections=lambda: 0 if self.port is None else established(self.port),
+            watch_refused=lambda: dataclasses.asdict(self.health.watch_table.counts),
         ))
 
     def _on_stall_change(self, alive: bool, reason: str) -> None:

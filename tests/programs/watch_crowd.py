@@ -30,6 +30,7 @@ class Crowd:
 
     calls: list[grpc.aio.UnaryStreamCall]
     first: list[int]
+    channels: list[grpc.aio.Channel]  # one connection each
 
     async def next_statuses(self, timeout: float) -> list[int]:
         """The next message of every stream (each must arrive within ``timeout``)."""
@@ -67,7 +68,7 @@ async def watching(address: str, service: str, count: int, batch: int = OPEN_BAT
             ]
             firsts += await asyncio.gather(*(call.read() for call in opening))
             calls += opening
-        yield Crowd(calls, [int(answer.status) for answer in firsts])
+        yield Crowd(calls, [int(answer.status) for answer in firsts], channels)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
 
