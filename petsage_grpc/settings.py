@@ -95,7 +95,8 @@ class ServeSettings:
                                         "require client certificates signed by these PEM CA certificates (mTLS)")
     reflection: bool = setting(True, switch, None, "do not serve reflection (the variable takes true or false)")
     workers: int = setting(1, count(1, 256), "N",
-                           "server processes sharing the port (SO_REUSEPORT); one per core uses every core")
+                           "server processes sharing the port (SO_REUSEPORT); one per core uses every core; one "
+                           "that dies or stops is started again; metrics need one worker")
     # Our own requests are a few bytes (a service name, a reflection symbol).
     max_receive_bytes: int = setting(16 * 1024, count(1024), "BYTES",
                                      "largest request message accepted; larger ones get RESOURCE_EXHAUSTED")

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
+from petsage_grpc.server.supervisor import HEARTBEAT_TIMEOUT
 from tests.support import PROCESS_TIMEOUT, RPC_TIMEOUT, ServerProcess, Start, run_cli
 
 
@@ -41,14 +42,47 @@ def test_two_workers_share_the_port_and_stop_together(start_server: Start) -> No
     server.stdout.wait_for("all 2 workers stopped; exit code 0")
 
 
-def test_worker_that_dies_stops_the_others(start_server: Start) -> None:
+def test_a_worker_that_dies_is_started_again_and_both_serve(start_server: Start) -> None:
+    server = start_server("--workers", "2")
+    first, second = server.stdout.wait_for(r"with 2 workers \(pids (\d+), (\d+)\)").groups()
+
+    os.kill(int(first), signal.SIGKILL)
+
+    server.stdout.wait_for(rf"worker 1 \(pid {first}\) exited with 137; starting it again in 0.5s")
+    again = server.stdout.wait_for(r"worker 1 \(pid (\d+)\) serves again")[1]
+    assert again != first
+    ids = instance_ids(server, 24)
+    assert {i.split("-")[-2] for i in ids} == {again, second}  # both workers answer, the new one too
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_a_worker_that_stops_is_replaced_and_fresh_connections_are_answered(start_server: Start) -> None:
+    """The attack as reported: a SIGSTOPped worker kept receiving connections; 11 of 20 probes failed."""
+    server = start_server("--workers", "2")
+    first = server.stdout.wait_for(r"with 2 workers \(pids (\d+), (\d+)\)")[1]
+
+    os.kill(int(first), signal.SIGSTOP)
+    server.stdout.wait_for(rf"worker 1 \(pid {first}\) sent no heartbeat for 5s \(stopped or stuck\): replacing it",
+                           timeout=HEARTBEAT_TIMEOUT + 5)
+    server.stdout.wait_for(r"worker 1 \(pid \d+\) serves again")
+
+    probes = [run_cli("probe", "-addr", server.address, "-service", "liveness").returncode for _ in range(20)]
+    assert probes == [0] * 20  # each on a fresh connection, as the kubelet probes
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_a_worker_that_dies_again_before_serving_makes_the_supervisor_give_up(start_server: Start) -> None:
     server = start_server("--workers", "2")
     first, _ = server.stdout.wait_for(r"with 2 workers \(pids (\d+), (\d+)\)").groups()
 
     os.kill(int(first), signal.SIGKILL)
+    again = int(server.stdout.wait_for(r"worker 1 \(pid (\d+)\) started")[1])
+    os.kill(again, signal.SIGKILL)  # before it serves: restarting would not help
 
     assert server.wait() == 128 + signal.SIGKILL
-    server.stdout.wait_for(f"worker pid {first} exited with 137; stopping the others")
+    server.stdout.wait_for(rf"worker 1 \(pid {again}\) exited with 137 before serving; stopping the others")
 
 
 def test_workers_on_a_taken_port_fail_with_one_line() -> None:

@@ -22,7 +22,8 @@ from petsage_grpc.logs.setup import configure
 from petsage_grpc.logs.sinks import FileSink, Sink, StdoutSink
 from petsage_grpc.server.binding import BindError
 from petsage_grpc.server.lifecycle import PetSageServer
-from petsage_grpc.server.workers import Worker, current_worker, supervise
+from petsage_grpc.server.supervisor import supervise
+from petsage_grpc.server.workers import BEAT, HEARTBEAT_INTERVAL, READY, Worker, current_worker
 from petsage_grpc.settings import SettingError
 
 _LOGGER = logging.getLogger(__package__)
@@ -82,13 +83,20 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
             _LOGGER.info("serving on %s", address)
         else:
             _LOGGER.info("worker %s ready on %s", worker.name, address)
-            worker.report_ready()
+            worker.report(READY)
+            _beat(loop, worker)
         await stopping.wait()
         await server.shutdown()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def _beat(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+    """Tell the supervisor, from the event loop, that this worker is alive; again every HEARTBEAT_INTERVAL."""
+    worker.report(BEAT)
+    loop.call_later(HEARTBEAT_INTERVAL, _beat, loop, worker)
 
 
 def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
