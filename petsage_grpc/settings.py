@@ -23,6 +23,7 @@ from petsage_grpc.values import (
     aliases,
     choice,
     count,
+    days,
     parse_address,
     path,
     seconds,
@@ -93,6 +94,9 @@ class ServeSettings:
     tls_key: str | None = setting(None, path, "PATH", "the PEM private key of --tls-cert")
     tls_client_ca: str | None = setting(None, path, "PATH",
                                         "require client certificates signed by these PEM CA certificates (mTLS)")
+    tls_expiry_warning: float = setting(14.0, days(0), "DAYS",
+                                        "warn (and answer SmokeTest DEGRADED) while the TLS certificate expires "
+                                        "within this many days")
     reflection: bool = setting(True, switch, None, "do not serve reflection (the variable takes true or false)")
     workers: int = setting(1, count(1, 256), "N",
                            "server processes sharing the port (SO_REUSEPORT); one per core uses every core; one "

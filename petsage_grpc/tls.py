@@ -44,8 +44,8 @@ def _read(label: str, path: str) -> bytes:
         raise TLSError(f"cannot read {label} {path!r}: {exc.strerror or exc}") from None
 
 
-def _certificates(label: str, path: str) -> bytes:
-    """The PEM certificates in ``path``, checked to parse (a chain or a CA bundle)."""
+def load_certificates(label: str, path: str) -> bytes:
+    """The PEM certificates in ``path``, checked to parse (a chain or a CA bundle); ``label`` names the setting."""
     data = _read(label, path)
     if _CERTIFICATE_MARK not in data:
         raise TLSError(f"{label} {path!r} is not a PEM certificate file (no BEGIN CERTIFICATE block)")
@@ -58,7 +58,7 @@ def _certificates(label: str, path: str) -> bytes:
 
 def _key_pair(cert_label: str, cert_path: str, key_label: str, key_path: str) -> tuple[bytes, bytes]:
     """The certificate chain and private key, checked to be PEM and to belong together."""
-    chain = _certificates(cert_label, cert_path)
+    chain = load_certificates(cert_label, cert_path)
     key = _read(key_label, key_path)
     if _KEY_MARK not in key:
         raise TLSError(f"{key_label} {key_path!r} is not a PEM private key (no BEGIN PRIVATE KEY block)")
@@ -84,6 +84,11 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def load_key_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The PEM certificate chain and key of ``--tls-cert`` and ``--tls-key``, checked to belong together."""
+    return _key_pair("--tls-cert", cert, "--tls-key", key)
+
+
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
     """Server credentials from PEM files; with ``client_ca``, clients must present a certificate it signed.
 
@@ -92,23 +97,10 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``) and the file.
     """
     chain, private_key = _key_pair("--tls-cert", cert, "--tls-key", key)
-    roots = None if client_ca is None else _certificates("--tls-client-ca", client_ca)
+    roots = None if client_ca is None else load_certificates("--tls-client-ca", client_ca)
     return grpc.ssl_server_credentials(
         [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )
-
-
-def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """An ``ssl`` server context for the HTTP listener, from the same PEM files as the gRPC credentials.
-
-    It asks no client certificate, even with ``--tls-client-ca``: the kubelet,
-    load balancers and uptime checkers that call the HTTP side present none.
-    """
-    _key_pair("--tls-cert", cert, "--tls-key", key)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 @dataclass(frozen=True)
@@ -139,7 +131,7 @@ class ClientTLS:
         for it, e.g. the command-line flag ``-tls-ca-cert``.
         """
         label = self._labels(names)
-        roots = None if self.ca_cert is None else _certificates(label["ca_cert"], self.ca_cert)
+        roots = None if self.ca_cert is None else load_certificates(label["ca_cert"], self.ca_cert)
         return self._credentials(roots, label)
 
     def _labels(self, names: Mapping[str, str] | None) -> dict[str, str]:

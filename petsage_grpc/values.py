@@ -56,6 +56,21 @@ def seconds(minimum: float, inclusive: bool, maximum: float | None = None) -> Ca
     return parse
 
 
+def days(minimum: float) -> Callable[[str], float]:
+    """A parser for a finite number of days, at least ``minimum``."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("expected a number of days") from None
+        if not math.isfinite(number) or number < minimum:
+            raise ValueError(f"should be ≥ {minimum:g} days")
+        return number
+
+    return parse
+
+
 def count(minimum: int, maximum: int = GRPC_INT_MAX) -> Callable[[str], int]:
     """A parser for a whole number from ``minimum`` to ``maximum``."""
 

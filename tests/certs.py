@@ -27,6 +27,7 @@ class Certs:
     client_key: Path
     other_ca: Path  # a CA that signed nothing here
     other_key: Path  # a key that belongs to no certificate here
+    ca_key: Path  # the CA's own key, to issue more server certificates
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -34,7 +35,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
-                 *, ca: bool, names: list[x509.GeneralName] | None = None) -> x509.Certificate:
+                 *, ca: bool, names: list[x509.GeneralName] | None = None, days: float = 30) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -42,8 +43,9 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, iss
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        # An expired certificate (days < 0) was valid for a day before it expired.
+        .not_valid_before(min(now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days - 1)))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if names:
@@ -79,4 +81,19 @@ def make_certs(directory: Path) -> Certs:
         client_key=_write(directory / "client.key", key=client_key),
         other_ca=_write(directory / "other-ca.pem", other_ca),
         other_key=_write(directory / "other.key", key=other_key),
+        ca_key=_write(directory / "ca.key", key=ca_key),
     )
+
+
+def issue_server_certificate(certs: Certs, cert_path: Path, key_path: Path, *, days: float = 30) -> int:
+    """Write a new server certificate (and key) signed by ``certs``' CA, valid ``days``; return its serial."""
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    server_key = _key()
+    names: list[x509.GeneralName] = [
+        x509.DNSName(SERVER_NAME), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    server = _certificate("server", server_key, "PetSage test CA", ca_key, ca=False, names=names, days=days)
+    _write(key_path, key=server_key)
+    _write(cert_path, server)
+    return server.serial_number

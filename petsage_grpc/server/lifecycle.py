@@ -19,8 +19,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import grpc
-
 from petsage_grpc.health.checks import Check
 from petsage_grpc.health.statuses import LIVENESS, SERVING
 from petsage_grpc.logs.pipeline import LogPipeline
@@ -30,7 +28,7 @@ from petsage_grpc.server.smoke import new_instance_id
 from petsage_grpc.settings import ServeSettings, SettingError
 
 if TYPE_CHECKING:
-    import ssl
+    from petsage_grpc.server.certificates import ServerCertificate
 
 _LOGGER = logging.getLogger(__package__)
 #: Before grpcio's stop(), how long no call may have arrived (see Gate.wait_quiet).
@@ -78,18 +76,20 @@ class PetSageServer:
         self._started().publish(service, serving, reason)
 
     @functools.cached_property
-    def tls_credentials(self) -> grpc.ServerCredentials | None:
-        """The TLS credentials the settings name (None: plaintext), loaded on first use, once.
+    def certificate(self) -> ServerCertificate | None:
+        """The TLS certificate the settings name (None: plaintext), loaded on first use, once.
 
         Raises :class:`~petsage_grpc.settings.SettingError` naming an unusable file.
         """
         settings = self.settings
         if settings.tls_cert is None or settings.tls_key is None:
             return None
-        from petsage_grpc import tls  # only TLS servers pay for importing ssl
+        from petsage_grpc import tls  # only TLS servers pay for importing ssl and cryptography
+        from petsage_grpc.server.certificates import ServerCertificate
 
         try:
-            return tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            return ServerCertificate(settings.tls_cert, settings.tls_key, settings.tls_client_ca,
+                                     settings.tls_expiry_warning)
         except tls.TLSError as exc:
             raise SettingError(str(exc)) from None
 
@@ -118,16 +118,17 @@ class PetSageServer:
         settings = self.settings
         address = settings.address if address is None else address
         http_address = settings.http_address if http_address is None else http_address
-        credentials = self.tls_credentials
+        certificate = self.certificate
         if not share_port:
             check_bindable(address)
             if http_address is not None:
                 check_bindable(http_address, "HTTP ")
         running = self._running = Running(settings, pipeline, instance_id=self.instance_id, checks=self._checks,
-                                          servicers=self._servicers, share_port=share_port)
-        self.address = running.listen(address, credentials)
+                                          servicers=self._servicers, share_port=share_port, certificate=certificate)
+        self.address = running.listen(address, None if certificate is None else certificate.credentials())
         if running.http is not None and http_address is not None:
-            self.http_address = await running.http.start(http_address, tls=self._http_tls(), share_port=share_port)
+            tls = None if certificate is None else certificate.ssl_context()
+            self.http_address = await running.http.start(http_address, tls=tls, share_port=share_port)
         # Liveness depends on nothing outside the process; the watchdog owns it from now on.
         running.health.set(LIVENESS, SERVING, "process started")
         running.watchdog.start()
@@ -136,18 +137,6 @@ class PetSageServer:
         if running.http is not None:
             await running.http.start_serving()
         return self.address
-
-    def _http_tls(self) -> ssl.SSLContext | None:
-        """The HTTP side speaks TLS when the gRPC side does, with the same certificate."""
-        settings = self.settings
-        if settings.tls_cert is None or settings.tls_key is None:
-            return None
-        from petsage_grpc import tls
-
-        try:
-            return tls.server_ssl_context(settings.tls_cert, settings.tls_key)
-        except tls.TLSError as exc:
-            raise SettingError(str(exc)) from None
 
     async def shutdown(self) -> None:
         """Drain and stop as described in the module docstring, logging each step's timing."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 from prometheus_client import (
@@ -63,6 +64,7 @@ class ServerState:
     waiting_requests: Callable[[], int]  # calls waiting for their request message now
     grpc_connections: Callable[[], int]  # established connections on the gRPC port
     watch_refused: Callable[[], dict[str, int]]  # Watch streams turned away, by reason
+    certificate_expiry: Callable[[], datetime | None]  # when the TLS certificate in use expires
 
 
 class Metrics:
@@ -174,6 +176,10 @@ class _StateCollector(Collector):
         yield last
         yield GaugeMetricFamily("petsage_watch_streams", "Open grpc.health.v1.Health/Watch streams.",
                                 value=state.watchers())
+        expiry = state.certificate_expiry()
+        if expiry is not None:
+            yield GaugeMetricFamily("petsage_tls_certificate_expiry_timestamp_seconds", "When the TLS certificate "
+                                    "in use expires, in seconds since the epoch.", value=expiry.timestamp())
         refused = CounterMetricFamily("petsage_watch_refused", "Watch streams turned away: refused at the cap, "
                                       "unknown_refused (names with no status), or evicted for a caller holding "
                                       "fewer.", labels=["reason"])

@@ -113,7 +113,6 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     worker = current_worker()
     pipeline: LogPipeline | None = None
     try:
-        _ = server.tls_credentials  # loaded now: bad files stop a supervisor before any worker starts
         sinks: list[Sink] = [StdoutSink()]
         if settings.log_file is not None:
             try:
@@ -121,6 +120,7 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
             except OSError as exc:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
         pipeline = configure(sinks, settings.log_format, settings.log_level)
+        _ = server.certificate  # loaded now (and logged): bad files stop a supervisor before any worker starts
         if settings.workers > 1 and worker is None:
             return supervise(settings.address, settings.workers, settings.http_address)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

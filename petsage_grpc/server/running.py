@@ -44,6 +44,7 @@ from petsage_grpc.server.smoke import add_to_server as add_smoke
 from petsage_grpc.settings import KEEPALIVE_TIMEOUT, PING_STRIKES, ServeSettings
 
 if TYPE_CHECKING:
+    from petsage_grpc.server.certificates import ServerCertificate
     from petsage_grpc.server.http.listener import HttpListener
     from petsage_grpc.server.metrics import Metrics
 
@@ -96,7 +97,8 @@ class Running:
     """
 
     def __init__(self, settings: ServeSettings, pipeline: LogPipeline, *, instance_id: str,
-                 checks: Sequence[Check], servicers: Sequence[Servicer], share_port: bool) -> None:
+                 checks: Sequence[Check], servicers: Sequence[Servicer], share_port: bool,
+                 certificate: ServerCertificate | None = None) -> None:
         self.metrics: Metrics | None = None
         if settings.metrics:
             from petsage_grpc.server.metrics import Metrics  # prometheus-client is imported only when used
@@ -115,8 +117,10 @@ class Running:
             logging_check(pipeline, settings.log_timeout, settings.check_interval),
             event_loop_check(self.watchdog, settings.check_interval),
             connections_check(lambda: self.port, settings.max_connections, settings.check_interval),
+            *([] if certificate is None else [certificate.check(settings.check_interval)]),
             *checks,
         ]
+        self.certificate = certificate
         #: Each served service, and the checks its status follows (None: readiness).
         self.follows: dict[str, tuple[str, ...] | None] = {}
         self.runner = CheckRunner(every_check, on_change=self.follow_checks)
@@ -215,6 +219,7 @@ class Running:
             waiting_requests=lambda: self.requests.waiting,
             grpc_connections=lambda: 0 if self.port is None else established(self.port),
             watch_refused=lambda: dataclasses.asdict(self.health.watch_table.counts),
+            certificate_expiry=lambda: None if self.certificate is None else self.certificate.pair.not_after,
         ))
 
     def _on_stall_change(self, alive: bool, reason: str) -> None:
