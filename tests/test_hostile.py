@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
 from petsage_grpc.health.servicer import DEFAULT_MAX_UNKNOWN
-from tests.programs.raw_grpc import NO_STATUS, incomplete_calls
+from tests.programs.raw_grpc import NO_STATUS, incomplete_calls, leave_before_the_answer
 from tests.programs.watch_crowd import watching
 from tests.support import RPC_TIMEOUT, SERVING, ServerProcess, Start, proc_status
 from tests.support.deploy import (
@@ -294,3 +294,21 @@ def test_watches_on_names_with_no_status_cannot_take_the_slots_of_known_ones(sta
     assert asyncio.run(scenario()) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"too many watchers of unknown services (limit {DEFAULT_MAX_UNKNOWN})",
                                        SERVING)
+
+
+def test_a_caller_that_leaves_before_its_answer_is_logged_as_cancelled_in_one_line(start_server: Start) -> None:
+    """The report: grpc logged a multi-line ExecuteBatchError traceback, and the access log said OK."""
+    server = start_server("--http-address", "127.0.0.1:0", "--metrics")
+
+    for number in range(5):
+        leave_before_the_answer(*address_of(server), "/petsage.smoke.v1.SmokeTestService/SmokeTest", f"leaver-{number}")
+    records = [server.stdout.wait_for(rf"SmokeTest (\w+) .*user_agent=\"leaver-{n}\"")[1] for n in range(5)]
+
+    assert records == ["CANCELLED"] * 5
+    metrics = server.http("/metrics").text
+    assert ('grpc_server_handled_total{grpc_code="Canceled",grpc_method="SmokeTest",grpc_service='
+            '"petsage.smoke.v1.SmokeTestService",grpc_type="unary"} 5.0') in metrics
+    server.signal()
+    assert server.wait() == 0
+    output = server.stdout.text() + server.stderr.text()
+    assert "Traceback" not in output and "ExecuteBatchError" not in output

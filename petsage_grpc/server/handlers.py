@@ -28,6 +28,7 @@ import grpc
 
 from petsage_grpc.server.access import CallObserver, CallStart, code_of
 from petsage_grpc.server.gate import Gate
+from petsage_grpc.server.grpc_output import CURRENT_CALL
 from petsage_grpc.server.requests import RequestReader
 
 _LOGGER = logging.getLogger(__package__)
@@ -64,10 +65,11 @@ class _Call:
     Entering notes the call's start for the observer; :meth:`admit` passes
     the gate, reads the request and parses it; leaving lets the gate know the call is
     over and records how it ended (an exception included: an abort, a
-    cancellation, the stream closed by the client).
+    cancellation, the stream closed by the client), or, for an answer, once
+    grpc has delivered it or found the caller gone.
     """
 
-    __slots__ = ("_context", "_handlers", "_method", "_start", "_tracked")
+    __slots__ = ("_context", "_handlers", "_method", "_start", "_tracked", "undelivered")
 
     def __init__(self, handlers: Handlers, method: _Method, context: grpc.aio.ServicerContext) -> None:
         self._handlers = handlers
@@ -75,11 +77,13 @@ class _Call:
         self._context = context
         self._start: CallStart | None = None
         self._tracked = False
+        self.undelivered = False  # set when grpc reports it could not send the answer
 
     def __enter__(self) -> _Call:
         observer = self._handlers.observer
         if observer is not None:
             self._start = observer.begin(self._context, self._method.health)
+            CURRENT_CALL.set(self)  # grpc logs a failed send from this same task: grpc_output finds us
         return self
 
     async def admit(self, requests: Any) -> Any:
@@ -107,11 +111,25 @@ class _Call:
                  traceback: TracebackType | None) -> None:
         if self._tracked:
             self._handlers.gate.leave(self._method.policy.refuse)
-        observer, start = self._handlers.observer, self._start
-        if observer is None or start is None:
+        if self._handlers.observer is None or self._start is None:
             return
+        code = code_of(self._context, error)
+        if code is grpc.StatusCode.OK:
+            # The answer is not delivered yet: record the call once grpc knows whether it was.
+            self._context.add_done_callback(self._delivered)
+        else:
+            self._record(code)
+
+    def _delivered(self, context: grpc.aio.ServicerContext) -> None:
+        """Grpc has finished the call: CANCELLED if the caller left before the answer reached it."""
+        gone = self.undelivered or context.cancelled()
+        self._record(grpc.StatusCode.CANCELLED if gone else grpc.StatusCode.OK)
+
+    def _record(self, code: grpc.StatusCode) -> None:
+        observer, start = self._handlers.observer, self._start
+        assert observer is not None and start is not None
         try:
-            observer.finished(self._method.kind, self._method.path, start, code_of(self._context, error))
+            observer.finished(self._method.kind, self._method.path, start, code)
         except Exception:  # recording a call must never change its outcome
             _LOGGER.exception("recording a call to %s failed", self._method.path)
 

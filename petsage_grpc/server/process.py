@@ -21,6 +21,7 @@ from petsage_grpc.logs.pipeline import LogPipeline, stderr_line
 from petsage_grpc.logs.setup import configure
 from petsage_grpc.logs.sinks import FileSink, Sink, StdoutSink
 from petsage_grpc.server.binding import BindError
+from petsage_grpc.server.grpc_output import install as install_grpc_output
 from petsage_grpc.server.lifecycle import PetSageServer
 from petsage_grpc.server.supervisor import supervise
 from petsage_grpc.server.workers import BEAT, HEARTBEAT_INTERVAL, READY, Worker, current_worker
@@ -120,6 +121,7 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
             except OSError as exc:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
         pipeline = configure(sinks, settings.log_format, settings.log_level)
+        install_grpc_output()
         _ = server.certificate  # loaded now (and logged): bad files stop a supervisor before any worker starts
         if settings.workers > 1 and worker is None:
             return supervise(settings.address, settings.workers, settings.http_address)

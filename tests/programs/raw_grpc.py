@@ -9,11 +9,14 @@ tests; loopback only.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.settings
 
 CHECK = "/grpc.health.v1.Health/Check"
 #: A call that got no status: still open when the time ran out.
@@ -74,3 +77,29 @@ async def incomplete_calls(host: str, port: int, calls: int, body: bytes, *, end
     finally:
         writer.close()
     return [statuses.get(s, NO_STATUS) for s in streams] + [NO_STATUS] * (calls - len(streams))
+
+
+def leave_before_the_answer(host: str, port: int, path: str, user_agent: str, timeout: float = 5.0) -> None:
+    """Make one call and cancel it once the server has answered, before the answer can reach us.
+
+    The connection's flow-control window is 0, so the server can send its
+    headers but not its message; the stream is then reset, as a client that
+    gives up at the wrong moment does.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        connection.send_headers(stream, [*_headers(path, f"{host}:{port}"), ("user-agent", user_agent)])
+        connection.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # an empty request message
+        sock.sendall(connection.data_to_send())
+        answered = False
+        while not answered:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            answered = any(isinstance(event, h2.events.ResponseReceived) for event in connection.receive_data(data))
+            sock.sendall(connection.data_to_send())
+        connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        sock.sendall(connection.data_to_send())
