@@ -6,7 +6,10 @@ the server closes this gate first: every call that reaches a refusing
 handler after that gets UNAVAILABLE, which clients retry elsewhere, and
 ``stop()`` is only called once the calls in flight have finished
 (:meth:`Gate.wait_idle`) and callers have stopped arriving
-(:meth:`Gate.wait_quiet`).  :mod:`petsage_grpc.server.handlers` wraps every
+(:meth:`Gate.wait_quiet`).  Callers that never stop calling are held for the
+last moments (:meth:`Gate.hold`): each one's next call waits, unanswered, so
+that none has a call queued inside grpc when ``stop()`` runs; they are
+answered once it has begun (:meth:`Gate.release`).  :mod:`petsage_grpc.server.handlers` wraps every
 handler so that each call passes through the gate.
 """
 
@@ -26,6 +29,9 @@ class Gate:
         self.open = True
         self.in_flight = 0
         self.refused = 0  # calls turned away since the gate closed
+        self.held = 0  # calls held at the very end, answered once grpc's stop() has begun
+        self.holding = False
+        self._released = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._activity = asyncio.Event()
@@ -37,6 +43,21 @@ class Gate:
         """Refuse every later call of a refusing service with UNAVAILABLE."""
         self.open = False
         self._mark_activity()
+
+    def hold(self) -> None:
+        """From now on, every new call waits (:meth:`wait_if_held`) until :meth:`release`."""
+        self.holding = True
+
+    def release(self) -> None:
+        """Let the held calls go on: to be refused, or, for health, answered."""
+        self.holding = False
+        self._released.set()
+
+    async def wait_if_held(self) -> None:
+        """Wait while the gate holds calls (a no-op otherwise)."""
+        if self.holding:
+            self.held += 1
+            await self._released.wait()
 
     def refuse(self) -> None:
         """Count a call turned away: its caller is still calling."""

@@ -93,6 +93,8 @@ class _Call:
         of a streaming method, returned as it is.
         """
         gate, policy, parse = self._handlers.gate, self._method.policy, self._method.parse
+        if gate.holding:
+            await gate.wait_if_held()  # the very end of a shutdown: answered once grpc's stop() has begun
         if policy.refuse and not gate.open:
             gate.refuse()
             await self._context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)

@@ -35,6 +35,9 @@ _LOGGER = logging.getLogger(__package__)
 QUIET_PERIOD = 0.2
 #: The grace handed to grpcio's stop() once our own waiting is over.
 STOP_GRACE = 0.5
+#: How long new calls are held before grpcio's stop(): longer than a persistent caller's pause
+#: between calls, so that each has a call held (one in flight) when stop() runs.
+HOLD = 0.2
 
 
 class PetSageServer:
@@ -165,8 +168,18 @@ class PetSageServer:
         _LOGGER.info("%d call(s) refused with UNAVAILABLE during shutdown", gate.refused)
         # Every tracked call is done; what grpcio still runs is an untracked
         # stream (reflection) or a call that arrived this instant.
+        # Callers still calling get their next call held, unanswered: once each has one, nothing of
+        # theirs waits inside grpc, whose stop() would answer it CANCELLED (grpc/grpc#41785).
+        gate.hold()
+        await asyncio.sleep(HOLD)
         last = min(STOP_GRACE, max(0.0, grace - (time.monotonic() - closed)))
-        await asyncio.gather(running.server.stop(last), *([] if running.http is None else [running.http.close(last)]))
+        stopping = asyncio.gather(running.server.stop(last),
+                                  *([] if running.http is None else [running.http.close(last)]))
+        await asyncio.sleep(0)  # stop() sends GOAWAY: the held callers' next calls go elsewhere
+        gate.release()
+        await stopping
+        if gate.held:
+            _LOGGER.info("%d call(s) held until the listener stopped, then answered", gate.held)
         await running.runner.stop()
         await running.watchdog.stop()
         if running.observer.unlogged_probe_calls:
