@@ -81,13 +81,17 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class SmokeResult:
-    """A SmokeTest answer; ``timestamp`` and ``server.start_time`` are aware UTC datetimes."""
+    """A SmokeTest answer; ``timestamp`` and ``server.start_time`` are aware UTC datetimes.
+
+    A server run with ``--smoke-details status`` answers no checks and no
+    server: ``checks`` is then empty and ``server`` None.
+    """
 
     status: SmokeStatus
     message: str
     timestamp: datetime
     checks: tuple[CheckResult, ...]
-    server: ServerInfo
+    server: ServerInfo | None
 
     @property
     def ok(self) -> bool:
@@ -119,8 +123,9 @@ def _smoke_result(answer: _smoke_pb2.SmokeTestResponse) -> SmokeResult:
         CheckResult(check.name, SmokeStatus(check.status), check.detail, check.duration.ToTimedelta(), check.critical)
         for check in answer.checks
     )
-    server = ServerInfo(answer.server.version, answer.server.instance_id,
-                        answer.server.start_time.ToDatetime(tzinfo=UTC))
+    server = (ServerInfo(answer.server.version, answer.server.instance_id,
+                         answer.server.start_time.ToDatetime(tzinfo=UTC))
+              if answer.HasField("server") else None)
     return SmokeResult(SmokeStatus(answer.status), answer.message, answer.timestamp.ToDatetime(tzinfo=UTC),
                        checks, server)
 

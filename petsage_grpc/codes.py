@@ -12,8 +12,8 @@ This module imports nothing heavy: the probe imports it before grpc.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing would cost the probe milliseconds
 if TYPE_CHECKING:
     import grpc
 
@@ -33,11 +33,20 @@ class ExitCode(enum.IntEnum):
     UNHEALTHY = 4
 
 
+#: The gRPC status codes 0..16 as grpc-go spells them.
+GO_CODE_NAMES = ("OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+                 "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange",
+                 "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated")
+
+
+def go_code_name(number: int) -> str:
+    """The status code ``number`` as grpc-go spells it (``Code(17)`` for one the protocol does not define)."""
+    return GO_CODE_NAMES[number] if 0 <= number < len(GO_CODE_NAMES) else f"Code({number})"
+
+
 def go_name(code: grpc.StatusCode) -> str:
     """``code`` as grpc-go spells it: ``OK``, ``NotFound``, ``DeadlineExceeded``, ``Canceled``.
 
     grpc_health_probe prints these, and go-grpc-prometheus labels calls with them.
     """
-    if code.name == "CANCELLED":
-        return "Canceled"
-    return "OK" if code.name == "OK" else "".join(word.capitalize() for word in code.name.split("_"))
+    return go_code_name(code.value[0])

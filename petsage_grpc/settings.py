@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,21 +67,23 @@ def setting(default: _T, parse: Callable[[str], Any], metavar: str | None, help:
 class ServeSettings:
     """Validated settings of one ``serve`` run; the defaults suit a developer's laptop."""
 
-    address: str = setting("[::]:50051", parse_address, "HOST:PORT",
-                           "address to listen on; port 0 picks a free port and the log names it")
+    address: str = setting("[::]:50051", parse_address, "HOST:PORT|unix:PATH",
+                           "address to listen on: HOST:PORT (port 0 picks a free port and the log names it) "
+                           "or unix:PATH, a unix socket")
     log_format: str = setting("text", choice(LOG_FORMATS, str.lower), "{text,json}",
                               "log line format: text (classic) or json (one object per line)")
     log_file: str | None = setting(None, path, "PATH",
                                    "also append every log record to this file (stdout is always a sink)")
     log_level: str = setting("INFO", choice(LOG_LEVELS, str.upper), "LEVEL",
-                             "lowest level logged; start/stop lines, health changes and the logging probe "
-                             "are always written")
+                             "lowest level logged: DEBUG, INFO, WARNING, ERROR or CRITICAL; start/stop lines, "
+                             "health changes and the logging probe are always written")
     grace: float = setting(10.0, seconds(0, True), "SECONDS",
                            "on SIGTERM/SIGINT, seconds in-flight calls get to finish")
     log_timeout: float = setting(1.0, seconds(0, False), "SECONDS",
                                  "seconds the logging check waits for every sink to confirm its record")
-    check_interval: float = setting(10.0, seconds(0, False), "SECONDS",
-                                    "seconds between background runs of each built-in check")
+    # Each logging check writes a record: a floor keeps a typo from flooding the log (0.001 s: 668 records a second).
+    check_interval: float = setting(10.0, seconds(0.1, True), "SECONDS",
+                                    "seconds between background runs of each built-in check (at least 0.1)")
     drain: float = setting(0.0, seconds(0, True), "SECONDS",
                            "on SIGTERM/SIGINT, seconds to keep serving with readiness NOT_SERVING before "
                            "Watch streams end and new calls are refused (let load balancers notice)")
@@ -132,7 +135,7 @@ class ServeSettings:
                                             "(GOAWAY too_many_pings)")
     http_address: str | None = setting(None, tcp_address, "HOST:PORT",
                                        "also serve HTTP health (the REST smoke test, /livez, /readyz, /healthz, "
-                                       "/health, /metrics) on this address")
+                                       "/health, /metrics) on this TCP address (no unix:PATH)")
     # An idle HTTP connection costs about 3 KiB, one holding a nearly full 8 KiB request head about 11 KiB.
     http_max_connections: int = setting(512, count(1, 65_536), "N",
                                         "open HTTP connections; at the cap a new one replaces the oldest that has "
@@ -245,6 +248,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 const="false" if row.default else "true", default=None, help=help_text)
         else:
             parser.add_argument(row.flag, dest=row.name, default=None, metavar=row.metavar, help=help_text)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``PETSAGE_GRPC_*`` variable that names no setting, with the closest one that does.
+
+    A misspelt variable is otherwise ignored without a word.
+    """
+    known = {row.env for row in SETTINGS} | {ENV_PREFIX + name.upper() for name in RETIRED}
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            # Compared without the prefix they all share, which would make any two names look alike.
+            suffixes = sorted(known_name.removeprefix(ENV_PREFIX) for known_name in known)
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.7)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "serve --help lists every variable"
+            warnings.append(f"{name} is not a setting and was ignored: {hint}")
+    return warnings
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:

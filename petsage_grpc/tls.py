@@ -20,9 +20,10 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 _CERTIFICATE_MARK = b"-----BEGIN CERTIFICATE-----"
 _KEY_MARK = b"PRIVATE KEY-----"
@@ -96,6 +97,8 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     unencrypted private key.  Raises :class:`TLSError` naming the flag
     (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``) and the file.
     """
+    import grpc
+
     chain, private_key = _key_pair("--tls-cert", cert, "--tls-key", key)
     roots = None if client_ca is None else load_certificates("--tls-client-ca", client_ca)
     return grpc.ssl_server_credentials(
@@ -144,8 +147,31 @@ class ClientTLS:
         return _key_pair(label["client_cert"], self.client_cert, label["client_key"], self.client_key)
 
     def _credentials(self, roots: bytes | None, label: Mapping[str, str]) -> grpc.ChannelCredentials:
+        import grpc
+
         chain, key = self._identity(label)
         return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+
+    def ssl_context(self, names: Mapping[str, str] | None = None, *, verify: bool = True) -> ssl.SSLContext:
+        """The standard library's client context for these files (checked first, as :meth:`credentials` does).
+
+        Without ``verify``, any certificate the server presents is accepted
+        (INSECURE, as grpc_health_probe's ``-tls-no-verify``).  The server's
+        name is the caller's to pass to the handshake.
+        """
+        label = self._labels(names)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif self.ca_cert is not None:
+            context.load_verify_locations(cadata=load_certificates(label["ca_cert"], self.ca_cert).decode("ascii"))
+        else:
+            context.load_default_certs()
+        self._identity(label)  # checked: readable, PEM, the key matching the certificate
+        if self.client_cert is not None and self.client_key is not None:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
 
     def channel_options(self) -> list[tuple[str, str]]:
         """Channel options that go with the credentials (the expected server name)."""
@@ -181,6 +207,8 @@ def trust_presented_certificate(
             if time.monotonic() + _RETRY_PAUSE >= deadline:
                 raise TimeoutError(str(exc)) from None
             time.sleep(_RETRY_PAUSE)
+    import grpc
+
     root = ssl.DER_cert_to_PEM_cert(leaf).encode("ascii")
     credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
     return credentials, [("grpc.ssl_target_name_override", name)]

@@ -15,27 +15,33 @@ from collections.abc import Callable
 GRPC_INT_MAX = 2**31 - 1
 #: The longest time handed to grpc core, in seconds (its milliseconds must fit a C int).
 GRPC_SECONDS_MAX = GRPC_INT_MAX // 1000
-# HOST:PORT with an optional [IPv6] host; grpc also takes unix:PATH.
+# HOST:PORT with an optional [IPv6] host.
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
+#: The address rule, in the words of every message, help text and the README: gRPC takes a unix socket too.
+ADDRESS_RULE = "HOST:PORT (e.g. [::]:50051 or 127.0.0.1:0) or unix:PATH"
+#: The rule for a TCP-only address (the HTTP listener).
+TCP_ADDRESS_RULE = "HOST:PORT (e.g. [::]:8080 or 127.0.0.1:0); unix:PATH is for the gRPC --address only"
 
 
-def parse_address(value: str) -> str:
-    """Accept ``HOST:PORT`` (port 0..65535; ``[::1]:0`` style for IPv6) or ``unix:PATH``."""
-    if value.startswith("unix:") and len(value) > len("unix:"):
-        return value
+def _host_port(value: str, rule: str) -> str:
     match = _ADDRESS.match(value)
     if match is None:
-        raise ValueError("expected HOST:PORT (e.g. [::]:50051 or 127.0.0.1:0) or unix:PATH")
+        raise ValueError(f"expected {rule}")
     if int(match["port"]) > 65535:
         raise ValueError("port should be in 0..65535")
     return value
 
 
+def parse_address(value: str) -> str:
+    """Accept :data:`ADDRESS_RULE`: ``HOST:PORT`` (port 0..65535; ``[::1]:0`` style for IPv6) or ``unix:PATH``."""
+    if value.startswith("unix:") and len(value) > len("unix:"):
+        return value
+    return _host_port(value, ADDRESS_RULE)
+
+
 def tcp_address(value: str) -> str:
-    """Accept ``HOST:PORT`` only (an HTTP listener takes no unix:PATH)."""
-    if value.startswith("unix:"):
-        raise ValueError("expected HOST:PORT (e.g. [::]:9090 or 127.0.0.1:0)")
-    return parse_address(value)
+    """Accept :data:`TCP_ADDRESS_RULE`: ``HOST:PORT`` only (an HTTP listener takes no unix:PATH)."""
+    return _host_port(value, TCP_ADDRESS_RULE)
 
 
 def seconds(minimum: float, inclusive: bool, maximum: float | None = None) -> Callable[[str], float]:
@@ -46,7 +52,9 @@ def seconds(minimum: float, inclusive: bool, maximum: float | None = None) -> Ca
             number = float(value)
         except ValueError:
             raise ValueError("expected a number of seconds") from None
-        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number of seconds")
+        if number < minimum or (number == minimum and not inclusive):
             raise ValueError(f"should be {'≥' if inclusive else '>'} {minimum:g} seconds")
         if maximum is not None and number > maximum:
             raise ValueError(f"should be ≤ {maximum:.0f} seconds" if maximum == int(maximum)
@@ -64,7 +72,9 @@ def days(minimum: float) -> Callable[[str], float]:
             number = float(value)
         except ValueError:
             raise ValueError("expected a number of days") from None
-        if not math.isfinite(number) or number < minimum:
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number of days")
+        if number < minimum:
             raise ValueError(f"should be ≥ {minimum:g} days")
         return number
 
@@ -107,7 +117,7 @@ def switch(value: str) -> bool:
         return True
     if folded in ("0", "false", "no", "off"):
         return False
-    raise ValueError("expected true or false")
+    raise ValueError("expected true or false (or yes/no, on/off, 1/0)")
 
 
 def path(value: str) -> str:

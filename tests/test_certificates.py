@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
@@ -116,3 +117,54 @@ def test_an_expired_certificate_is_logged_at_start(start_server: Start, tmp_path
 
     server.stdout.wait_for(r"the TLS certificate \(serial \w+\) expired at ")
     server.stdout.wait_for(r"check tls_certificate is failing: \(serial \w+\) expired at ")
+
+
+def _plaintext_client(port: int) -> None:
+    """One connection that speaks HTTP/2 in clear to a TLS port, until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=RPC_TIMEOUT) as raw:
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(9))
+        while raw.recv(4096):
+            pass
+
+
+def test_failed_handshakes_reach_the_log_pipeline_as_json_bounded_and_counted(
+        start_server: Start, tmp_path: Path) -> None:
+    """grpc core printed one raw stderr line per failed handshake: not JSON, not in --log-file, not counted."""
+    certs = make_certs(tmp_path)
+    log = tmp_path / "server.log"
+    server = tls_server(start_server, certs, "--tls-client-ca", str(certs.ca), "--log-format", "json",
+                        "--log-file", str(log), "--metrics")
+    plaintext = 25
+    for _ in range(plaintext):
+        _plaintext_client(port_of(server.address))
+    no_certificate = secure_channel(server, certs)  # mTLS: the server wants a certificate this client lacks
+    try:
+        check(no_certificate)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    no_certificate.close()
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    deadline = time.monotonic() + RPC_TIMEOUT
+    while True:  # the lines are read back on a thread of the server's: wait until all are counted
+        metrics = http_request(server.http_url + "/metrics", context=context).text
+        if f'petsage_tls_handshake_failures_total{{reason="WRONG_VERSION_NUMBER"}} {plaintext}.0' in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert 'petsage_tls_handshake_failures_total{reason="PEER_DID_NOT_RETURN_A_CERTIFICATE"}' in metrics
+    server.signal()
+    assert server.wait() == 0
+
+    assert server.stderr.text() == ""  # nothing bypasses the pipeline
+    for text in (server.stdout.text(), log.read_text()):
+        records = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+        grpc_records = [r for r in records if r["logger"] == "grpc"]
+        plaintext_records = [r for r in grpc_records if "WRONG_VERSION_NUMBER" in r["message"]]
+        # Logged once, then counted: the flood of 25 is two records, whatever its size.
+        assert len(plaintext_records) == 2, plaintext_records
+        first, summary = plaintext_records
+        assert (first["level"], first["tls_reason"]) == ("INFO", "WRONG_VERSION_NUMBER")
+        assert first["source"].startswith("ssl_transport_security.cc:")
+        assert "plaintext to this TLS port" in first["message"]
+        assert summary["message"].startswith(f"repeated {plaintext - 1} more time(s) before exit: Handshake failed")
+        assert any(r.get("tls_reason") == "PEER_DID_NOT_RETURN_A_CERTIFICATE" for r in grpc_records)

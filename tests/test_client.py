@@ -6,6 +6,8 @@ import asyncio
 import importlib
 import re
 import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -41,12 +43,24 @@ def test_smoke_returns_plain_typed_values(server: ServerProcess) -> None:
     assert isinstance(result, SmokeResult) and result.ok and result.status is SmokeStatus.OK
     assert result.message == "PetSage services are running and logging is active."
     assert before - timedelta(seconds=5) < result.timestamp <= datetime.now(UTC)
+    assert result.server is not None
     assert result.server.version == "0.1.0" and result.server.start_time <= result.timestamp
     logging = next(check for check in result.checks if check.name == "logging")
     assert isinstance(logging, CheckResult) and logging.critical and logging.status is SmokeStatus.OK
     assert timedelta(0) < logging.duration < timedelta(seconds=5)
     with pytest.raises(AttributeError):
         result.message = "changed"  # type: ignore[misc]
+
+
+def test_status_only_details_give_no_server_and_no_checks_not_empty_ones(start_server: Start) -> None:
+    """As reported: a ServerInfo of empty strings and the epoch, instead of no server info."""
+    server = start_server("--smoke-details", "status")
+
+    with Client(server.address) as client:
+        result = client.smoke()
+
+    assert result.ok and result.message
+    assert (result.server, result.checks) == (None, ())
 
 
 def test_failing_smoke_is_a_result_not_an_error(start_server: Start) -> None:
@@ -164,3 +178,17 @@ def test_readme_client_examples_import_what_exists() -> None:
     for module_name, names in imports:
         module = importlib.import_module(module_name)
         assert [name for name in names.split(", ") if not hasattr(module, name)] == []
+
+
+def test_readme_client_examples_run_as_pasted_and_return(server: ServerProcess) -> None:
+    """As reported: pasted, the examples ended in a watch loop that never returned."""
+    section = (ROOT / "README.md").read_text().split("## Python client")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        # As pasted against this server; the mTLS lines name a host of the reader's own.
+        code = block.split("\ntls = ClientTLS(")[0].replace("localhost:50051", server.address)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "ServingStatus.SERVING" in done.stdout

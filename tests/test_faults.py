@@ -223,7 +223,8 @@ def test_hanging_raising_and_leaking_checks_leave_health_fast_and_readiness_on_c
     assert next(watch).status == SERVING
     watch.cancel()
     assert server.health("liveness") == SERVING
-    assert proc_status(pid, "Threads") <= threads_hung
+    # Still one hung thread, not one per run (grpc core may have started one of its own meanwhile).
+    assert proc_status(pid, "Threads") <= threads_hung + 1
 
 
 # --- Client disconnect storms --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -290,7 +291,7 @@ def test_drain_keeps_serving_not_serving_then_ends_watches_and_finishes_in_fligh
     assert in_flight.result().status == smoke_pb2.STATUS_FAILING  # answered during shutdown
     assert server.wait() == 0
     steps = ["draining: statuses NOT_SERVING", "drain over after 1.5", "1 Watch stream(s) ended, new calls refused",
-             "in-flight calls finished after", "stopped after"]
+             "in-flight calls finished", "stopped after"]
     found = [output.wait_for(re.escape(step)).string for step in steps]
     assert [output.lines.index(line) for line in found] == sorted(output.lines.index(line) for line in found)
 
@@ -312,3 +313,48 @@ def test_smoke_test_agrees_with_readiness_from_the_first_signal(start_server: St
     assert command.stderr == ("petsage-grpc smoke: not OK: STATUS_FAILING: "
                               "PetSage services are failing: shutdown.\n")
     assert server.wait() == 0
+
+
+def test_sighup_reopens_the_log_file_after_rotation_and_the_server_keeps_serving(
+        start_server: Start, tmp_path: Path) -> None:
+    """The logrotate habit, ``mv`` then ``postrotate kill -HUP``: the process used to die with 129, unlogged."""
+    log = tmp_path / "server.log"
+    server = start_server("--log-file", str(log))
+    log.rename(tmp_path / "server.log.1")
+
+    for _ in range(2):
+        mark = server.stdout.mark()
+        server.signal(signal.SIGHUP)
+        server.stdout.wait_for(rf"received SIGHUP: reopened file {re.escape(str(log))}$", start=mark)
+
+    assert server.process.poll() is None
+    assert server.health("readiness") == health_pb2.HealthCheckResponse.SERVING
+    assert server.smoke().status == smoke_pb2.STATUS_OK
+    assert log.read_text().count("received SIGHUP") == 2  # the new file at the path has both lines
+    assert "received SIGHUP" not in (tmp_path / "server.log.1").read_text()
+    held = {os.readlink(f"/proc/{server.process.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{server.process.pid}/fd")}
+    assert str(tmp_path / "server.log.1") not in held  # the rotated file is let go at once
+    assert "NOT_SERVING" not in server.stdout.text()
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert server.stderr.text() == ""
+
+
+def test_sighup_without_a_log_file_says_so_in_one_line(server: ServerProcess) -> None:
+    server.signal(signal.SIGHUP)
+
+    server.stdout.wait_for("received SIGHUP: no log file to reopen \\(logging to stdout only\\)")
+    assert server.health("liveness") == health_pb2.HealthCheckResponse.SERVING
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_the_shutdown_log_times_the_grace_apart_from_the_drain(start_server: Start) -> None:
+    """As reported: with --drain 5, "in-flight calls finished after 5.001s" counted the drain as waiting."""
+    server = start_server("--drain", "1", "--grace", "7")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+    server.stdout.wait_for(r"waiting up to 7s for 0 call\(s\) in flight")
+    finished = server.stdout.wait_for(r"in-flight calls finished ([\d.]+)s after new calls were refused")
+    assert float(finished[1]) < 1.0  # nothing was in flight: no part of the 1 s drain

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from petsage_grpc._proto.smoke.v1 import smoke_pb2, smoke_pb2_grpc
 from petsage_grpc.server.supervisor import HEARTBEAT_TIMEOUT
@@ -145,3 +148,47 @@ def _alive(pid: int) -> bool:
             return "\nState:\tZ" not in status.read()
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_summary_is_logged_once_and_every_worker_line_names_its_worker(
+        start_server: Start, tmp_path: Path, log_format: str) -> None:
+    log = tmp_path / "server.log"
+    server = start_server("--workers", "2", "--log-format", log_format, "--log-file", str(log))
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    server.stdout.wait_for("all 2 workers stopped")
+
+    for text in (server.stdout.text(), log.read_text()):
+        lines = text.splitlines()
+        assert len([line for line in lines if "with 2 workers (pids" in line]) == 1
+        stopped = [line for line in lines if "stopped after" in line]
+        if log_format == "json":
+            records = [json.loads(line) for line in lines]
+            assert sorted(r["worker"] for r in records if "stopped after" in r["message"]) == ["1/2", "2/2"]
+            assert all("worker" not in r for r in records if "workers" in r["message"])  # the supervisor's own
+        else:
+            workers = [re.search(r"worker (\d/2): stopped after", line) for line in stopped]
+            assert sorted(match[1] for match in workers if match) == ["1/2", "2/2"]
+
+
+def test_sighup_reopens_every_log_file_and_no_process_dies(start_server: Start, tmp_path: Path) -> None:
+    """As reported: the supervisor died of SIGHUP and every worker logged that it had gone, twice."""
+    log = tmp_path / "server.log"
+    server = start_server("--workers", "2", "--log-file", str(log))
+    pids = [int(p) for p in server.stdout.wait_for(r"with 2 workers \(pids (\d+), (\d+)\)").groups()]
+    log.rename(tmp_path / "server.log.1")
+
+    server.signal(signal.SIGHUP)
+
+    server.stdout.wait_for(r"received SIGHUP: reopened file \S+; passed on to the workers that serve")
+    for worker in ("1/2", "2/2"):
+        server.stdout.wait_for(rf"worker {worker}: received SIGHUP: reopened file ")
+    assert server.process.poll() is None and all(_alive(pid) for pid in pids)
+    probes = [run_cli("probe", "-addr", server.address, "-service", "readiness").returncode for _ in range(4)]
+    assert probes == [0] * 4
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    text = server.stdout.text()
+    assert "the supervising process has gone" not in text and "exited with" not in text
+    assert log.read_text().count("received SIGHUP") == 3

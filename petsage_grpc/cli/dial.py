@@ -14,9 +14,13 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
+# Not typing.TYPE_CHECKING: the probe, timed as a whole process, would pay for importing typing.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
+    from typing import Any
+
     import grpc
 
     from petsage_grpc.tls import ClientTLS
@@ -26,8 +30,13 @@ _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "
 _HEADER_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 # A freshly started server should be found fast: grpc's default first
 # reconnect backoff is a full second, as long as the probe's whole budget.
+# The minimum backoff is also each attempt's shortest deadline: the probe's
+# first attempts may last 100 ms, and it retries within -connect-timeout.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000))
+# ``smoke`` reports the first failed attempt: an attempt keeps grpc's own 20 s deadline, so that
+# only a refusal, an unknown host or a failed handshake fails it before -connect-timeout.
+FIRST_FAILURE_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 def quiet_grpc() -> None:
@@ -39,6 +48,39 @@ def quiet_grpc() -> None:
     """
     os.environ["GRPC_VERBOSITY"] = "NONE"
     os.environ["GRPC_TRACE"] = ""
+
+
+def go_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` read as Go's flag package reads it, rewritten for ``parser`` as ``--flag=value`` pairs.
+
+    Only flags ``parser`` defines, spelled out in full (``-ad`` is no
+    ``-addr``); a flag that takes a value takes the next argument whatever
+    it is (``--wait -1s``); a boolean flag takes a value only as
+    ``-flag=false``.  Raises ``ValueError`` with Go's message
+    (``flag provided but not defined: -ad``, ``flag needs an argument: -addr``).
+    Arguments after ``--``, or from the first one that is no flag, are left as
+    they are (the parser refuses them).
+    """
+    actions = parser._option_string_actions  # argparse's own table of every spelling
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            return out + list(argv[index:])
+        name, equals, value = arg.partition("=")
+        action = actions.get(name)
+        if action is None:
+            raise ValueError(f"flag provided but not defined: {name}")
+        takes_value = action.nargs is None or action.nargs == 1
+        if takes_value and not equals:
+            index += 1
+            if index >= len(argv):
+                raise ValueError(f"flag needs an argument: {name}")
+            value, equals = argv[index], "="
+        out.append(f"{name}={value}" if equals else name)
+        index += 1
+    return out
 
 
 def parse_duration(text: str) -> float:
@@ -114,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, connect_timeout: float, rp
         spellings = (f"-{name}", f"--{name}", *(aliases or {}).get(name, ()))
         parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
-    _flag("addr", default=address, metavar="HOST:PORT",
+    _flag("addr", default=address, metavar="HOST:PORT|unix:PATH",
           help="address of the server " + ("(required)" if address is None else f"[default {address}]"))
     _flag("connect-timeout", type=parse_duration, default=connect_timeout, metavar="DURATION",
           help=f"time allowed to connect, e.g. 250ms, 2s or 0.5 [default {format_duration(connect_timeout)}]")
@@ -127,7 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, connect_timeout: float, rp
     _flag("tls", type=parse_bool, help="use TLS (default: plaintext)")
     _flag("tls-no-verify", type=parse_bool,
           help="(with -tls) trust whatever certificate the server presents (INSECURE)")
-    _flag("tls-ca-cert", metavar="FILE", help="(with -tls) PEM certificates that may sign the server's")
+    _flag("tls-ca-cert", metavar="FILE",
+          help="(with -tls) PEM file of the CA certificates that may sign the server's certificate "
+               "[default: the system's trusted CAs]")
     _flag("tls-client-cert", metavar="FILE", help="(with -tls) client certificate, for mTLS")
     _flag("tls-client-key", metavar="FILE", help="(with -tls) client private key, for mTLS")
     _flag("tls-server-name", metavar="NAME", help="(with -tls) name expected in the server's certificate")
@@ -175,7 +219,48 @@ def client_tls(args: argparse.Namespace) -> ClientTLS:
 FLAG_NAMES = {"ca_cert": "-tls-ca-cert", "client_cert": "-tls-client-cert", "client_key": "-tls-client-key"}
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
+def wait_for_connection(channel: grpc.Channel, timeout: float) -> bool | None:
+    """Wait until ``channel`` connects (True) or its first attempt fails (False); None after ``timeout``.
+
+    A refused connection or an unknown host fails within milliseconds:
+    waiting out the whole timeout for it would hide the reason.
+    """
+    import threading
+
+    import grpc
+
+    outcome: list[bool] = []
+    settled = threading.Event()
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE) and not outcome:
+            outcome.append(state is grpc.ChannelConnectivity.READY)
+            settled.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(on_change)
+    return outcome[0] if outcome else None
+
+
+def connection_error(details: str) -> str:
+    """The reason in grpc's "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: REASON"."""
+    _, found, last = details.partition("last error: ")
+    if not found:
+        return details
+    code, colon, rest = last.partition(": ")
+    return rest if colon and code.isupper() else last
+
+
+def ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The standard library's TLS context the ``-tls*`` flags describe; TLSError names an unusable file."""
+    return client_tls(args).ssl_context(FLAG_NAMES, verify=not args.tls_no_verify)
+
+
+def open_channel(args: argparse.Namespace,
+                 reconnect: Sequence[tuple[str, int]] = RECONNECT_OPTIONS) -> grpc.Channel:
     """A channel to ``-addr`` as the flags say; :class:`~petsage_grpc.tls.TLSError` for bad TLS files.
 
     With ``-tls-no-verify`` the server's certificate is fetched first and
@@ -184,7 +269,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     """
     import grpc
 
-    options: list[tuple[str, Any]] = [("grpc.primary_user_agent", args.user_agent), *RECONNECT_OPTIONS]
+    options: list[tuple[str, Any]] = [("grpc.primary_user_agent", args.user_agent), *reconnect]
     compression = grpc.Compression.Gzip if args.gzip else None
     if not args.tls:
         return grpc.insecure_channel(args.addr, options=options, compression=compression)

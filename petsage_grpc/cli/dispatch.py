@@ -13,18 +13,22 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from petsage_grpc import __version__
+from petsage_grpc.cli import dial, output
 from petsage_grpc.codes import ExitCode
+
+# Not typing.TYPE_CHECKING: the probe, timed as a whole process, starts here and would pay for importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors exit with :attr:`ExitCode.USAGE`."""
 
     def error(self, message: str) -> NoReturn:
-        """Print the usage and ``message``, then exit with :attr:`ExitCode.USAGE`."""
-        self.print_usage(sys.stderr)
+        """Print ``message`` as one line, then exit with :attr:`ExitCode.USAGE` (``--help`` shows the usage)."""
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -35,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="petsage-grpc",
         description="PetSage health and smoke-test service over gRPC.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -49,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    try:
+        return _main(argv, environ)
+    finally:
+        output.flush()  # e.g. ``--help | head -1``: no traceback for a reader that left early
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["probe"]:
         # The probe parses its own flags (grpc_health_probe's one-line errors),
@@ -59,6 +71,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return probe.main(argv[1:], exit_process=True)
     parser = build_parser()
     try:
+        if argv[:1] == ["smoke"]:  # the probe's flags, read as the probe reads them
+            smoke_parser = parser.get_default("subparsers")["smoke"]
+            try:
+                argv = ["smoke", *dial.go_flags(smoke_parser, argv[1:])]
+            except ValueError as exc:
+                smoke_parser.error(str(exc))
         args, extra = parser.parse_known_args(argv)
         if extra:  # reported by the subcommand, whose usage says what it takes
             args.subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")

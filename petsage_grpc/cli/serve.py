@@ -16,6 +16,7 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "serve",
         help="run the server",
+        allow_abbrev=False,
         description="Serve SmokeTestService, grpc.health.v1.Health and reflection. "
         f"Every flag may also be set by its {settings.ENV_PREFIX}<FLAG> variable; flags win.",
     )

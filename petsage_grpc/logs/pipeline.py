@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
@@ -21,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from petsage_grpc.logs.records import PROBE_ATTR, SHEDDABLE_ATTR
-from petsage_grpc.logs.sinks import Sink
+from petsage_grpc.logs.sinks import FileSink, Sink
+from petsage_grpc.logs.stderr import stderr_line
 
 #: Logger of the probe records.
 PROBE_LOGGER = "petsage_grpc.logprobe"
@@ -92,6 +92,8 @@ class LogPipeline:
         self._dropped_queue = 0
         self._shed = 0
         self._write_failures = {sink.name: 0 for sink in self.sinks}
+        # Set from a signal handler: a plain attribute, since taking a lock there could deadlock.
+        self._reopen_requested = False
         self.handler = _QueueHandler(self)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
@@ -127,6 +129,19 @@ class LogPipeline:
     def write_failures(self) -> dict[str, int]:
         """Per sink, the records it failed to write (any thread may read it)."""
         return dict(self._write_failures)
+
+    def reopen(self) -> None:
+        """Have every file sink reopen its path before the next write (SIGHUP, after a log rotation).
+
+        Safe to call from a signal handler: it only sets a flag, which the
+        writer thread reads before each batch.
+        """
+        self._reopen_requested = True
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The names of the sinks that are files (what :meth:`reopen` reopens)."""
+        return tuple(sink.name for sink in self.sinks if isinstance(sink, FileSink))
 
     def add_failure_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (from the writer thread) when a sink starts failing."""
@@ -200,6 +215,10 @@ class LogPipeline:
         return len(records) == len(batch)
 
     def _write(self, records: list[logging.LogRecord]) -> None:
+        if self._reopen_requested:
+            self._reopen_requested = False
+            for sink in self.sinks:
+                sink.reopen()
         data = "".join(self._format(r) + "\n" for r in records).encode("utf-8", "replace")
         errors: dict[str, str] = {}
         newly_failing = False
@@ -247,13 +266,4 @@ def _deliver(deliveries: list[tuple[asyncio.Future[Delivery], Delivery]]) -> Non
     for future, delivery in deliveries:
         if not future.done():  # a waiter that timed out has gone
             future.set_result(delivery)
-
-
-def stderr_line(text: str) -> None:
-    """Write one line straight to stderr, bypassing the pipeline (for last words)."""
-    try:
-        os.write(2, (text + "\n").encode())
-    except OSError:
-        pass
-
 

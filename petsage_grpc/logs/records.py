@@ -14,6 +14,8 @@ import time
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+#: The text format of a process that serves as one of several workers: each line says which.
+WORKER_TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - worker {worker}: %(message)s"
 #: Attribute of a probe record that carries its id.
 PROBE_ATTR = "petsage_probe_id"
 #: Attribute of a record carrying structured fields (a dict), written as keys of its JSON object.
@@ -26,8 +28,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (RFC 3339, UTC), level, logger, message.
 
     A record's structured fields (:data:`FIELDS_ATTR`, e.g. an access log
-    record's method and status code) are added as further keys.
+    record's method and status code) are added as further keys, and so is
+    ``worker`` (``"1/2"``) in a process that is one of several workers.
     """
+
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as a single-line JSON object."""
@@ -38,6 +45,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         probe_id = getattr(record, PROBE_ATTR, None)
         if probe_id is not None:
             entry["probe_id"] = probe_id

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 
 from petsage_grpc.logs.pipeline import PROBE_LOGGER, LogPipeline
-from petsage_grpc.logs.records import TEXT_FORMAT, JsonFormatter
+from petsage_grpc.logs.records import TEXT_FORMAT, WORKER_TEXT_FORMAT, JsonFormatter
 from petsage_grpc.logs.sinks import Sink
 
 #: Loggers kept at INFO whatever ``--log-level`` says: the probe must reach
@@ -19,18 +19,23 @@ from petsage_grpc.logs.sinks import Sink
 ALWAYS_INFO = (PROBE_LOGGER, "petsage_grpc.server", "petsage_grpc.health", "petsage_grpc.logs")
 
 
-def make_formatter(log_format: str) -> logging.Formatter:
-    """The formatter for ``text`` (the classic line) or ``json``."""
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+def make_formatter(log_format: str, worker: str | None = None) -> logging.Formatter:
+    """The formatter for ``text`` (the classic line) or ``json``; each record names ``worker`` ("1/2") if given."""
+    if log_format == "json":
+        return JsonFormatter(worker)
+    if worker is None:
+        return logging.Formatter(TEXT_FORMAT)
+    return logging.Formatter(WORKER_TEXT_FORMAT.format(worker=worker.replace("%", "%%")))
 
 
-def configure(sinks: Sequence[Sink], log_format: str, level: str) -> LogPipeline:
+def configure(sinks: Sequence[Sink], log_format: str, level: str, worker: str | None = None) -> LogPipeline:
     """Route every log record of the process through a new :class:`LogPipeline`.
 
     Only the entry point calls this.  Any handler already on the root logger
-    is replaced, so each record is written exactly once.
+    is replaced, so each record is written exactly once.  ``worker`` ("1/2")
+    is named in every record of a process that is one of several workers.
     """
-    pipeline = LogPipeline(sinks, make_formatter(log_format))
+    pipeline = LogPipeline(sinks, make_formatter(log_format, worker))
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

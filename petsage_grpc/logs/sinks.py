@@ -54,6 +54,9 @@ class Sink:
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def reopen(self) -> None:
+        """Let go of the file the sink writes to: the next write opens its path afresh (SIGHUP)."""
+
     def close(self) -> None:
         """Release the sink's file descriptor, if it owns one."""
 
@@ -115,6 +118,10 @@ class FileSink(Sink):
         # Pseudo file systems report no blocks at all: they are never full.
         if space.f_blocks and not (space.f_bfree if self._root else space.f_bavail):
             raise _NoFreeBlock(errno.ENOSPC, "No space left on device (no free block after this write)")
+
+    def reopen(self) -> None:
+        """Close the file descriptor; the next write opens the path again (a rotated file is let go)."""
+        self.close()
 
     def close(self) -> None:
         """Close the file descriptor; the next write reopens the path."""

@@ -158,8 +158,8 @@ class PetSageServer:
         closed = time.monotonic()
         _LOGGER.info("%d Watch stream(s) ended, new calls refused; waiting up to %gs for %d call(s) in flight",
                      watchers, grace, gate.in_flight)
-        if await gate.wait_idle(grace):
-            _LOGGER.info("in-flight calls finished after %.3fs", time.monotonic() - started)
+        if await gate.wait_idle(grace):  # timed from here: the drain is no part of the grace
+            _LOGGER.info("in-flight calls finished %.3fs after new calls were refused", time.monotonic() - closed)
         else:
             _LOGGER.warning("grace period of %gs over; cancelling %d call(s)", grace, gate.in_flight)
         remaining = max(0.0, grace - (time.monotonic() - closed))

@@ -39,6 +39,7 @@ from petsage_grpc import __version__
 from petsage_grpc.codes import go_name
 from petsage_grpc.health.checks import CheckOutcome
 from petsage_grpc.health.statuses import SERVING, status_name
+from petsage_grpc.logs.stderr import StderrCounts
 
 #: Call latency buckets, seconds: a health check answers in well under a
 #: millisecond, a SmokeTest in about one, and the slowest calls wait on the
@@ -65,6 +66,7 @@ class ServerState:
     grpc_connections: Callable[[], int]  # established connections on the gRPC port
     watch_refused: Callable[[], dict[str, int]]  # Watch streams turned away, by reason
     certificate_expiry: Callable[[], datetime | None]  # when the TLS certificate in use expires
+    stderr: Callable[[], StderrCounts]  # lines written to the process's stderr, read back into the log
 
 
 class Metrics:
@@ -216,6 +218,22 @@ class _StateCollector(Collector):
         for why, count in state.incomplete_requests().items():
             incomplete.add_metric([why], count)
         yield incomplete
+        counts = state.stderr()
+        lines = CounterMetricFamily("petsage_stderr_lines", "Lines written to the process's stderr (grpc core's "
+                                    "own, or other), each read back into the log pipeline; by origin and level.",
+                                    labels=["origin", "level"])
+        for (origin, level), number in sorted(counts.lines.items()):
+            lines.add_metric([origin, level], number)
+        yield lines
+        yield CounterMetricFamily("petsage_stderr_lines_folded", "Stderr lines repeated within 10 s of an identical "
+                                  "one: counted in a summary record instead of logged.", value=counts.folded)
+        handshakes = CounterMetricFamily("petsage_tls_handshake_failures", "TLS handshakes that failed, by "
+                                         "OpenSSL reason (WRONG_VERSION_NUMBER: a plaintext client; "
+                                         "PEER_DID_NOT_RETURN_A_CERTIFICATE: no client certificate).",
+                                         labels=["reason"])
+        for reason, number in sorted(counts.handshake_failures.items()):
+            handshakes.add_metric([reason], number)
+        yield handshakes
         yield CounterMetricFamily("petsage_access_log_probe_calls_unlogged", "Health calls from probes left "
                                   "out of the access log (user agents kube-probe/*, grpc_health_probe); "
                                   "--log-probes logs them.", value=state.unlogged_probe_calls())

@@ -17,15 +17,16 @@ import sys
 
 from petsage_grpc import __version__
 from petsage_grpc.codes import ExitCode
-from petsage_grpc.logs.pipeline import LogPipeline, stderr_line
+from petsage_grpc.logs.pipeline import LogPipeline
 from petsage_grpc.logs.setup import configure
 from petsage_grpc.logs.sinks import FileSink, Sink, StdoutSink
+from petsage_grpc.logs.stderr import StderrCapture, stderr_line
 from petsage_grpc.server.binding import BindError
 from petsage_grpc.server.grpc_output import install as install_grpc_output
 from petsage_grpc.server.lifecycle import PetSageServer
 from petsage_grpc.server.supervisor import supervise
 from petsage_grpc.server.workers import BEAT, HEARTBEAT_INTERVAL, READY, Worker, current_worker
-from petsage_grpc.settings import SettingError
+from petsage_grpc.settings import SettingError, unknown_variables
 
 _LOGGER = logging.getLogger(__package__)
 
@@ -60,6 +61,12 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
                      signal.Signals(signum).name, server.settings.drain, server.settings.grace)
         stopping.set()
 
+    def on_hangup() -> None:
+        pipeline.reopen()  # done by the writer before it writes the line below
+        files = pipeline.files
+        _LOGGER.info("received SIGHUP: %s", f"reopened {', '.join(files)}" if files
+                     else "no log file to reopen (logging to stdout only)")
+
     def on_orphaned(fd: int) -> None:
         loop.remove_reader(fd)
         if not stopping.is_set():
@@ -68,6 +75,7 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     if worker is not None:
         loop.add_reader(worker.lifeline_fd, on_orphaned, worker.lifeline_fd)
     try:
@@ -83,15 +91,21 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
         if worker is None:
             _LOGGER.info("serving on %s", address)
         else:
-            _LOGGER.info("worker %s ready on %s", worker.name, address)
+            _LOGGER.info("ready on %s", address)
             worker.report(READY)
             _beat(loop, worker)
         await stopping.wait()
         await server.shutdown()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        _reopen_on_hangup(pipeline)  # remove_signal_handler restored SIGHUP's default: death
     return 0
+
+
+def _reopen_on_hangup(pipeline: LogPipeline) -> None:
+    """Until the loop handles it, SIGHUP only asks the log files to be reopened (never ends the process)."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: pipeline.reopen())
 
 
 def _beat(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
@@ -103,9 +117,12 @@ def _beat(loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
 def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
     """Run ``server`` as the whole program and return its exit code.
 
-    Sets up logging from the server's settings (stdout, plus ``log_file``),
-    serves until SIGTERM/SIGINT (with ``workers`` > 1, supervises that many
-    server processes instead, each of which runs this again), and turns a
+    Sets up logging from the server's settings (stdout, plus ``log_file``;
+    SIGHUP reopens the file, and never ends the process), reads what the
+    process writes on stderr back into the log (grpc core's own lines), serves
+    until SIGTERM/SIGINT (with ``workers`` > 1, supervises that many server
+    processes instead, each of which runs this again), warns of misspelt
+    ``PETSAGE_GRPC_*`` variables, and turns a
     log file or TLS file it cannot use (:attr:`ExitCode.USAGE`) or an
     address it cannot listen on (:attr:`ExitCode.CONNECTION`) into one line
     on stderr, prefixed ``prog``.
@@ -120,13 +137,21 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
                 sinks.append(FileSink(settings.log_file))
             except OSError as exc:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
-        pipeline = configure(sinks, settings.log_format, settings.log_level)
+        pipeline = configure(sinks, settings.log_format, settings.log_level,
+                             None if worker is None else worker.name)
+        _reopen_on_hangup(pipeline)
+        if worker is None:  # said once, by the process the user started (a worker's own variables are known)
+            for warning in unknown_variables(os.environ):
+                _LOGGER.warning("%s", warning)
         install_grpc_output()
-        _ = server.certificate  # loaded now (and logged): bad files stop a supervisor before any worker starts
-        if settings.workers > 1 and worker is None:
-            return supervise(settings.address, settings.workers, settings.http_address)
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(server, pipeline, worker))
+        # grpc core's own lines (on descriptor 2) go through the pipeline too, until the pipeline closes;
+        # the errors below are printed once the real stderr is back.
+        with StderrCapture():
+            _ = server.certificate  # loaded now (and logged): bad files stop a supervisor before any worker starts
+            if settings.workers > 1 and worker is None:
+                return supervise(settings.address, settings.workers, settings.http_address, pipeline)
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                return runner.run(serve(server, pipeline, worker))
     except SettingError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE

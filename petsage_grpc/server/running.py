@@ -32,6 +32,7 @@ from petsage_grpc.health.smoke import SmokeTest
 from petsage_grpc.health.watchdog import EVENT_LOOP_CHECK, Watchdog, event_loop_check
 from petsage_grpc.logs.check import LOGGING_CHECK, logging_check
 from petsage_grpc.logs.pipeline import LogPipeline
+from petsage_grpc.logs.stderr import stderr_counts
 from petsage_grpc.server.access import CallObserver
 from petsage_grpc.server.binding import BindError
 from petsage_grpc.server.connections import connections_check, established
@@ -220,6 +221,7 @@ class Running:
             grpc_connections=lambda: 0 if self.port is None else established(self.port),
             watch_refused=lambda: dataclasses.asdict(self.health.watch_table.counts),
             certificate_expiry=lambda: None if self.certificate is None else self.certificate.pair.not_after,
+            stderr=stderr_counts,
         ))
 
     def _on_stall_change(self, alive: bool, reason: str) -> None:

@@ -4,7 +4,8 @@ The kernel spreads new connections over the workers' listening sockets
 (SO_REUSEPORT).  The supervisor reserves the ports first (so that port 0 names
 one port for all workers, and a port taken by another program still fails
 with one line), starts each worker (:mod:`petsage_grpc.server.workers`),
-announces once every worker serves, and forwards SIGTERM and SIGINT.
+announces once every worker serves, and forwards SIGTERM and SIGINT; SIGHUP
+reopens its log file and is forwarded to the workers that serve, which reopen theirs.
 
 A worker that dies after it has served is started again, after a pause that
 doubles from :data:`FIRST_BACKOFF` to :data:`MAX_BACKOFF`; a worker that
@@ -31,6 +32,8 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from petsage_grpc.logs.pipeline import LogPipeline
+from petsage_grpc.logs.stderr import original_stderr
 from petsage_grpc.server.binding import BindError, bind_socket, check_bindable
 from petsage_grpc.server.workers import (
     ADDRESS_ENV,
@@ -72,8 +75,11 @@ def reserve(address: str, what: str = "") -> tuple[socket.socket, str]:
     return sock, f"{host}:{sock.getsockname()[1]}"
 
 
-def supervise(address: str, count: int, http_address: str | None = None) -> int:
-    """Run ``count`` workers serving ``address`` (and ``http_address``) until they stop; return the exit code."""
+def supervise(address: str, count: int, http_address: str | None = None, pipeline: LogPipeline | None = None) -> int:
+    """Run ``count`` workers serving ``address`` (and ``http_address``) until they stop; return the exit code.
+
+    ``pipeline`` is the supervisor's own log pipeline, whose files SIGHUP reopens.
+    """
     reservations = []
     try:
         reservation, bound = reserve(address)
@@ -82,7 +88,7 @@ def supervise(address: str, count: int, http_address: str | None = None) -> int:
         if http_address is not None:
             reservation, http_bound = reserve(http_address, "HTTP ")
             reservations.append(reservation)
-        return _Supervisor(bound, http_bound, count).run()
+        return _Supervisor(bound, http_bound, count, pipeline).run()
     finally:
         for reservation in reservations:
             reservation.close()
@@ -110,8 +116,9 @@ class _Supervisor:
     deadlock on the log queue's lock if the signal lands inside a log call.
     """
 
-    def __init__(self, address: str, http_address: str | None, count: int) -> None:
+    def __init__(self, address: str, http_address: str | None, count: int, pipeline: LogPipeline | None) -> None:
         self.address = address
+        self.pipeline = pipeline
         self.http_address = http_address
         self.count = count
         self.slots: list[_Slot] = []
@@ -130,7 +137,7 @@ class _Supervisor:
         # The workers hold the read end of the lifeline; when the supervisor
         # dies, even by SIGKILL, they read EOF and shut down on their own.
         self._fds["lifeline_read"], self._fds["lifeline_write"] = os.pipe()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             self.slots = [_Slot(number, self._spawn(number)) for number in range(1, self.count + 1)]
             return self._watch()
@@ -149,11 +156,20 @@ class _Supervisor:
                  STATUS_FD_ENV: str(fds["status_write"]), LIFELINE_FD_ENV: str(fds["lifeline_read"])},
             pass_fds=(fds["status_write"], fds["lifeline_read"]),
             start_new_session=True,  # Ctrl-C reaches the supervisor only, which forwards it
+            stderr=original_stderr(),  # not the supervisor's capture: each worker captures its own
         )
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
-        self._stop(signum)
+        if signum != signal.SIGHUP:
+            self._stop(signum)
+            return
+        if self.pipeline is not None:
+            self.pipeline.reopen()  # a flag: safe here
+        for slot in self.slots:
+            # A worker still starting has no handler yet (SIGHUP would kill it); it opens its file afresh anyway.
+            if slot.ready and slot.process.poll() is None:
+                slot.process.send_signal(signum)
 
     def _stop(self, signum: int) -> None:
         """Send ``signum`` to every live worker (a second one makes each exit at once)."""
@@ -169,7 +185,12 @@ class _Supervisor:
         while True:
             for signum in self.signals[:]:
                 self.signals.remove(signum)
-                _LOGGER.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
+                if signum == signal.SIGHUP:
+                    files = () if self.pipeline is None else self.pipeline.files
+                    _LOGGER.info("received SIGHUP: %s; passed on to the workers that serve",
+                                 f"reopened {', '.join(files)}" if files else "no log file to reopen")
+                else:
+                    _LOGGER.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
             self._read_status()
             now = time.monotonic()
             for slot in self.slots:

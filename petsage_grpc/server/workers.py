@@ -58,7 +58,8 @@ class Worker:
 def current_worker() -> Worker | None:
     """The worker this process is, or None for a supervisor or a single process."""
     name = os.environ.get(WORKER_ENV)
-    if name is None:
+    # Only a supervisor sets them all: a lone PETSAGE_GRPC_WORKER is a user's misspelt PETSAGE_GRPC_WORKERS.
+    if name is None or not all(v in os.environ for v in (ADDRESS_ENV, STATUS_FD_ENV, LIFELINE_FD_ENV)):
         return None
     worker = Worker(name, os.environ[ADDRESS_ENV], os.environ.get(HTTP_ADDRESS_ENV),
                     int(os.environ[STATUS_FD_ENV]), int(os.environ[LIFELINE_FD_ENV]))

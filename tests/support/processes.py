@@ -221,11 +221,12 @@ def proc_status(pid: int, field: str) -> int:
     return int(match[1])
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m petsage_grpc ARGS`` to completion and capture its output."""
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            stdout: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m petsage_grpc ARGS`` to completion and capture its output (stdout: to ``stdout`` if given)."""
     return subprocess.run(
-        [sys.executable, "-m", "petsage_grpc", *args], capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout, check=False,
+        [sys.executable, "-m", "petsage_grpc", *args], stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, timeout=timeout, check=False,
     )
 
 

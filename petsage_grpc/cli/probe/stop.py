@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 #: Longest any wait goes without looking whether a signal arrived.
@@ -13,14 +12,11 @@ SIGNAL_LATENCY = 0.05
 class Stop:
     """SIGTERM and SIGINT set a flag that the probe's waits look at: no exception mid-call.
 
-    ``wake`` is set by grpc's callbacks (never by the handler: setting an
-    event takes a lock the interrupted main thread may hold), so waits on it
-    also wake every :data:`SIGNAL_LATENCY` to look at the flag.
+    Every wait is sliced into :data:`SIGNAL_LATENCY` steps that look at it.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self.wake = threading.Event()
 
     def sleep(self, seconds: float) -> bool:
         """Pause ``seconds``; False, at once, if a signal arrives meanwhile."""

@@ -188,7 +188,12 @@ class _Connection(asyncio.Protocol):
         headers = {name.decode("ascii", "replace"): value.decode("latin-1") for name, value in event.headers}
         request = Request(event.method.decode("ascii", "replace"), target.path,
                           parse_qs(target.query, keep_blank_values=True), headers, self.peer)
-        reply = await self._listener.handle(request)
+        try:
+            reply = await self._listener.handle(request)
+        except Exception:  # a bug in a route: the caller gets a 500, the log gets the traceback
+            _LOGGER.exception("HTTP %s %s failed", request.method, request.path)
+            reply = Reply(500, b"internal error: see the server's log\n",
+                          [("Content-Type", "text/plain; charset=utf-8")])
         assert self._transport is not None
         if not self._transport.is_closing():
             self._send(reply, head_only=request.method == "HEAD")
