@@ -8,8 +8,9 @@ and returns: no check runs and nothing confirms that the line was written.
 
 Like ``petsage-grpc serve`` it logs ``serving on HOST:PORT`` once it accepts
 calls, and on the first SIGTERM/SIGINT it turns every status NOT_SERVING
-(``enter_graceful_shutdown()``, so Watch streams hear of it), then stops with
-a short grace; a second signal ends it at once.
+(``enter_graceful_shutdown()``, so Watch streams hear of it), keeps serving
+for ``--drain`` seconds (default 0), then stops with a short grace; a second
+signal ends it at once.
 
 Run it with ``python -m bench.baseline --address 127.0.0.1:0``.
 """
@@ -99,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:0", help="HOST:PORT to listen on (port 0: any free port)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="thread pool size")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="seconds given to stop() on a signal")
+    parser.add_argument("--drain", type=float, default=0.0,
+                        help="seconds to keep serving after the first signal, before stop()")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format=LOG_FORMAT)
     server, health = build(args.workers)
@@ -117,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     _LOGGER.info("serving on %s:%d", args.address.rpartition(":")[0], port)
     stopping.wait()
+    if args.drain:
+        _LOGGER.info("signalled: statuses NOT_SERVING, serving %gs more", args.drain)
+        time.sleep(args.drain)
     _LOGGER.info("signalled: statuses NOT_SERVING, stopping with %gs grace", args.grace)
     server.stop(args.grace).wait()
     _LOGGER.info("stopped")

@@ -31,30 +31,34 @@ class Probes:
     failures: list[str] = field(default_factory=list)
 
 
-async def _probe(address: str, result: Probes) -> None:
+async def _probe(address: str, result: Probes, service: str, any_status: bool) -> None:
     began = time.monotonic()
     # A fresh connection per probe, as the kubelet makes.
     async with grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),)) as channel:
         try:
             answer = await _health_pb2_grpc.HealthStub(channel).Check(
-                _health_pb2.HealthCheckRequest(service=READINESS), timeout=PROBE_BUDGET)
+                _health_pb2.HealthCheckRequest(service=service), timeout=PROBE_BUDGET)
         except grpc.aio.AioRpcError as exc:
             result.failures.append(f"{exc.code().name} {exc.details()}")
             return
-    if answer.status != SERVING:
+    if answer.status != SERVING and not any_status:
         result.failures.append(f"status {answer.status}")
     else:
         result.latencies_ms.append((time.monotonic() - began) * 1000)
 
 
-async def probe(address: str, rate: float, seconds: float) -> Probes:
-    """Probe ``address`` ``rate`` times a second for ``seconds``; wait for every probe to end."""
+async def probe(address: str, rate: float, seconds: float, *, service: str = READINESS,
+                any_status: bool = False) -> Probes:
+    """Probe ``address`` ``rate`` times a second for ``seconds``; wait for every probe to end.
+
+    With ``any_status`` an answer counts whatever the status (a server shutting down answers NOT_SERVING).
+    """
     result = Probes()
     tasks = []
     began = time.monotonic()
     while (due := began + result.sent / rate) < began + seconds:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        tasks.append(asyncio.create_task(_probe(address, result)))
+        tasks.append(asyncio.create_task(_probe(address, result, service, any_status)))
         result.sent += 1
     # Each probe ends within its budget; the margin covers closing its channel.
     await asyncio.wait_for(asyncio.gather(*tasks), PROBE_BUDGET + 5)

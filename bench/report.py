@@ -71,6 +71,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("watch_p99_ms", "Watch signal → change p99 (ms)", 1, target=_at_most(250, "ms")),
     Figure("watch_max_ms", "Watch signal → change max (ms)", 1),
     Figure("watch_rss_growth_mib", "Watch RSS growth, N streams (MiB)", 1, target=_at_most(60, "MiB")),
+    Figure("watch_rss_per_stream_kib", "Watch RSS per stream (KiB)", 1),
     Figure("watch_open_s", "Watch time to open N streams (s)", 2),
     Figure("watch_client_busy_pct", "Watch client CPU busy during delivery (%)", 0),
     Figure("watch_early_drops", "Watch streams told NOT_SERVING before the signal", 0, combine=math.fsum,
@@ -78,8 +79,18 @@ FIGURES: tuple[Figure, ...] = (
     Figure("probe_p99_ms", "Check p99 under SmokeTest load, 20/s (ms)", 1, target=_at_most(20, "ms")),
     Figure("probe_failures", "Check failures under SmokeTest load", 0, combine=math.fsum, target=NONE, ratio=False),
     Figure("probe_load_rps", "SmokeTest req/s during those probes", 0),
+    Figure("storm_streams", "cancel storm: Watch streams cancelled during the change", 0, combine=min, ratio=False),
+    Figure("storm_probe_p99_ms", "cancel storm: Check probe p99, a failed probe as 1 s (ms)", 1,
+           target=_at_most(100, "ms")),
+    Figure("storm_probe_failures", "cancel storm: Check probes failed", 0, combine=math.fsum, target=NONE,
+           ratio=False),
     Figure("failures", "failed calls in all load runs", 0, combine=math.fsum, target=NONE, ratio=False),
 )
+
+#: The design question's rows: our asyncio server beside the sync prototype (bench/prototype.py).
+DESIGN_ROWS = ("check_rps", "smoke_rps", "check_c1_p99_ms", "watch_p99_ms", "watch_rss_per_stream_kib",
+               "watch_open_s", "storm_probe_p99_ms", "storm_probe_failures", "probe_p99_ms", "probe_load_rps",
+               "idle_rss_mib", "failures")
 
 
 def combine(rounds: Sequence[Values]) -> Values:
@@ -152,6 +163,19 @@ def http_table(figures: Values) -> str:
         a, b = figures.get(first), figures.get(second)
         ratio = "–" if a is None or not b else f"{a / b:.2f}×"
         lines.append(f"| {label} | {_number(a, digits)} | {_number(b, digits)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def design_table(labels: tuple[str, str], project: Values, prototype: Values) -> str:
+    """Our server (grpc.aio) beside the sync prototype: the figures the server design turns on."""
+    by_key = {figure.key: figure for figure in FIGURES}
+    lines = [f"| server design | {labels[0]} (grpc.aio) | {labels[1]} (sync + callbacks) | ratio |",
+             "| --- | ---: | ---: | ---: |"]
+    for key in DESIGN_ROWS:
+        figure = by_key[key]
+        a, b = project.get(key), prototype.get(key)
+        ratio = "–" if a is None or not b or not figure.ratio else f"{a / b:.2f}×"
+        lines.append(f"| {figure.label} | {_number(a, figure.digits)} | {_number(b, figure.digits)} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -1,13 +1,16 @@
 """``python -m bench [--quick] [--json FILE]``: the project's server against a stock one, in one run.
 
-Rounds alternate the servers (project, stock, project, stock …) so that drift
-in a shared machine hits both; each round measures a fresh process of each
-(see :mod:`bench.session`), then ``serve --workers 2`` against one worker when
-the server has that flag.  Rounds combine by the median; failures add up.
+Rounds alternate the servers (project, stock, sync prototype, project, …) so
+that drift in a shared machine hits all; each round measures a fresh process
+of each (see :mod:`bench.session`), then a cancel storm on another fresh
+process of each, then ``serve --workers 2`` against one worker when the
+server has that flag.  Rounds combine by the median; failures add up.
 
-Prints one Markdown table (each figure for both servers, the ratio
-project/baseline, the target and whether this run meets it) and writes every
-figure, round by round, as JSON.  Exit code 0, or 1 when a call of the load
+Prints Markdown tables (each figure for our server and the stock one, the
+ratio project/baseline, the target and whether this run meets it; then our
+server beside the sync prototype of :mod:`bench.prototype`, the design
+question; then the HTTP side) and writes every figure, round by round, as
+JSON.  Exit code 0, or 1 when a call of the load
 itself failed (the figures of such a run mean nothing), or 2 when the machine
 lacks a tool.  Probes that fail under load, or a Watch change that does not
 arrive, are figures, not faults: they are printed as notes.
@@ -37,8 +40,8 @@ import grpc
 from bench import h2load, report
 from bench import http as http_side
 from bench.calls import CHECK
-from bench.servers import BASELINE, PROJECT, ROOT, Kind, Server, serve_flags
-from bench.session import CLIENTS, STREAMS, Config, Session, step
+from bench.servers import BASELINE, PROJECT, PROTOTYPE, ROOT, Kind, Server, serve_flags
+from bench.session import CLIENTS, STREAMS, Config, Session, step, storm
 
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "petsage-bench.json"
 
@@ -86,15 +89,19 @@ class Outcome:
     http: report.Values
 
 
+#: The servers of each round, in the order they run: ours, the stock one, and the sync prototype.
+KINDS = (PROJECT, BASELINE, PROTOTYPE)
+
+
 def run_rounds(config: Config, workdir: Path) -> Outcome:
     """Every round, alternating the servers; the workers figure once per round."""
-    rounds: dict[str, list[report.Values]] = {PROJECT.key: [], BASELINE.key: []}
+    rounds: dict[str, list[report.Values]] = {kind.key: [] for kind in KINDS}
     problems: list[str] = []
     notes: list[str] = []
     workers: list[report.Workers] = []
     http_rounds: list[report.Values] = []
     for number in range(config.rounds):
-        for kind in (PROJECT, BASELINE):
+        for kind in KINDS:
             print(f"round {number + 1}/{config.rounds}: {kind.label} …", file=sys.stderr, flush=True)
             session = Session(kind, config, workdir)
             try:
@@ -103,9 +110,11 @@ def run_rounds(config: Config, workdir: Path) -> Outcome:
                 session.server.stop()
             starts = [figures["start_to_ok_ms"], *start_samples(kind, config, workdir)]
             figures["start_to_ok_ms"] = statistics.median(starts)
+            stormed, stormy = storm(kind, config, workdir)
+            figures.update(stormed)
             rounds[kind.key].append(figures)
             problems.extend(session.problems)
-            notes.extend(session.notes)
+            notes.extend([*session.notes, *stormy])
         workers.append(measure_workers(config, workdir))
         print(f"round {number + 1}/{config.rounds}: the HTTP side …", file=sys.stderr, flush=True)
         figures, failed = http_side.measure(config, workdir)
@@ -184,11 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run_rounds(config, Path(workdir))
     rounds, workers = outcome.rounds, outcome.workers
     project, baseline = report.combine(rounds[PROJECT.key]), report.combine(rounds[BASELINE.key])
+    prototype = report.combine(rounds[PROTOTYPE.key])
     ratios = report.ratios(project, baseline)
     targets = report.verdicts(project, ratios)
     print(f"\n{began:%Y-%m-%d}, {os.cpu_count()} cores, server on core {config.server_cpu}, "
           f"load on core {config.load_cpu}, {config.rounds} round(s){', quick' if config.quick else ''}\n")
     print(report.table((PROJECT.label, BASELINE.label), project, baseline, ratios, targets, workers))
+    print()
+    print(report.design_table((PROJECT.label, PROTOTYPE.label), project, prototype))
     print()
     print(report.http_table(outcome.http))
     for note in outcome.notes:
@@ -201,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "servers": {
             kind.key: {"label": kind.label, "figures": figures, "rounds": rounds[kind.key]}
-            for kind, figures in ((PROJECT, project), (BASELINE, baseline))
+            for kind, figures in ((PROJECT, project), (BASELINE, baseline), (PROTOTYPE, prototype))
         },
+        "design_ratios": report.ratios(project, prototype),
         "ratios": ratios,
         "targets": targets,
         "workers": {**asdict(workers), "available": workers.available, "ratio": workers.ratio},
@@ -212,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"\nJSON written to {json_path}")
-    failed = project.get("failures", 0) + baseline.get("failures", 0) + workers.failures + outcome.http["failures"]
+    failed = (project.get("failures", 0) + baseline.get("failures", 0) + prototype.get("failures", 0)
+              + workers.failures + outcome.http["failures"])
     if failed:
         print(f"python -m bench: {failed:g} call(s) failed: these figures are not valid", file=sys.stderr)
     return 1 if failed or outcome.problems else 0

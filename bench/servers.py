@@ -44,6 +44,9 @@ class Kind:
 PROJECT = Kind("project", "petsage-grpc", (sys.executable, "-m", "petsage_grpc", "serve", "--address", "127.0.0.1:0"))
 #: The stock grpcio server of bench/baseline.py.
 BASELINE = Kind("baseline", "stock sync", (sys.executable, "-m", "bench.baseline", "--address", "127.0.0.1:0"))
+#: Our health service on grpcio's sync server, bench/prototype.py: the design question's other answer.
+PROTOTYPE = Kind("prototype", "sync prototype",
+                 (sys.executable, "-m", "bench.prototype", "--address", "127.0.0.1:0"))
 
 
 def server_env() -> dict[str, str]:

@@ -133,6 +133,7 @@ class Session:
             watch_open_s=result.open_seconds, watch_client_busy_pct=result.client_busy * 100,
             watch_early_drops=result.early,
             watch_rss_growth_mib=result.rss_growth_mib,
+            watch_rss_per_stream_kib=result.rss_growth_mib * 1024 / max(1, result.opened),
             watch_p50_ms=h2load.percentile(result.latencies_ms, 0.5),
             watch_p99_ms=h2load.percentile(result.latencies_ms, 0.99),
             watch_max_ms=max(result.latencies_ms, default=0.0),
@@ -160,6 +161,30 @@ class Session:
             if self.server.wait() is None:
                 self.notes.append(f"{self.server.kind.label}: still running {STOP_TIMEOUT:g}s after SIGTERM")
         return self.figures
+
+
+#: Watch streams of the cancel storm, at most, and the drain its server is started with (longer than the probes).
+STORM_STREAMS, STORM_DRAIN = 1000, 5.0
+
+
+def storm(kind: Kind, config: Config, workdir: Path) -> tuple[report.Values, list[str]]:
+    """The cancel storm on a fresh server of ``kind`` (every kind takes ``--drain``): its figures and notes."""
+    server = Server(kind, config.server_cpu, workdir, ("--drain", f"{STORM_DRAIN:g}"))
+    try:
+        with step("cancel storm"):
+            result = asyncio.run(watch.cancel_storm(
+                server.address, min(config.watchers, STORM_STREAMS), server.signal, probe_rate=config.probe_rate,
+                probe_seconds=min(2.0, STORM_DRAIN / 2), timeout=60))
+    finally:
+        server.process.kill()  # a server deadlocked by the storm would not stop on a signal
+        server.process.wait(STOP_TIMEOUT)
+    # A probe that failed took the kubelet's whole budget: it counts as that long.
+    failed = [probes.PROBE_BUDGET * 1000] * len(result.probe_failures)
+    figures = {"storm_streams": float(result.streams),
+               "storm_probe_p99_ms": h2load.percentile([*result.probe_latencies_ms, *failed], 0.99),
+               "storm_probe_failures": float(len(result.probe_failures))}
+    notes = [f"{kind.label}: cancel storm {p}" for p in [*result.problems, *sorted(set(result.probe_failures))]]
+    return figures, notes
 
 
 @contextmanager

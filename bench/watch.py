@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
+from bench import probes
 from bench.calls import NOT_SERVING, READINESS
 
 #: Streams per connection.
@@ -153,6 +154,60 @@ async def fan_out(address: str, count: int, rss_mib: Callable[[], float], change
             result.problems.append(f"{tally.early} streams were told NOT_SERVING before the signal")
         if tally.errors:
             result.problems.append(f"{len(tally.errors)} streams failed, e.g. {tally.errors[0]}")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    return result
+
+
+@dataclass
+class Storm:
+    """What the cancel storm measured: probes answered while the server changed status and lost watchers."""
+
+    streams: int = 0
+    probe_latencies_ms: list[float] = field(default_factory=list)
+    probe_failures: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+async def cancel_storm(address: str, count: int, change: Callable[[], None], *, probe_rate: float,
+                       probe_seconds: float, timeout: float) -> Storm:
+    """Open ``count`` Watch streams, then call ``change()`` and cancel every stream at once; probe meanwhile.
+
+    The status change makes the server send to every watcher while the
+    cancellations make it unregister them: a server that sends while holding
+    the lock its cancellations take deadlocks here, and its probes fail.
+    Probes, each on a fresh connection with the kubelet's 1 s budget, start
+    at the change and run for ``probe_seconds`` (the server must still serve:
+    start it with a drain longer than that).
+    """
+    result = Storm()
+    channels = [grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
+                for _ in range(-(-count // STREAMS_PER_CHANNEL))]
+    tally = _Tally()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        openings = []
+        for index in range(count):
+            opened = asyncio.Event()
+            stub = _health_pb2_grpc.HealthStub(channels[index // STREAMS_PER_CHANNEL])
+            tasks.append(asyncio.create_task(_watch(stub, opened, tally)))
+            openings.append(opened.wait())
+        try:
+            await asyncio.wait_for(asyncio.gather(*openings), timeout)
+        except TimeoutError:
+            result.problems.append(f"only {tally.opened} of {count} streams open after {timeout}s")
+        result.streams = tally.opened
+        tally.changed_at = time.monotonic()
+        change()
+        for task in tasks:  # every stream cancelled in this same instant
+            task.cancel()
+        # Any status is an answer: the change turned them NOT_SERVING, a deadlocked server gives none.
+        seen = await probes.probe(address, probe_rate, probe_seconds, any_status=True)
+        result.probe_latencies_ms, result.probe_failures = seen.latencies_ms, seen.failures
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

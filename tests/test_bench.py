@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 
 from bench import h2load, report
 from bench.calls import CHECK, SMOKE, Method, burst
-from bench.servers import BASELINE, PROJECT, ROOT, Kind, Server
+from bench.servers import BASELINE, PROJECT, PROTOTYPE, ROOT, Kind, Server
 
 WATCHERS = 200
 CPUS = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
@@ -24,7 +24,7 @@ UNKNOWN_SERVICE = dataclasses.replace(
     CHECK, name="CheckUnknown", request=health_pb2.HealthCheckRequest(service="no-such-service").SerializeToString())
 
 
-def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None:
+def test_quick_run_reports_every_figure_for_every_server(tmp_path: Path) -> None:
     results_file = tmp_path / "bench.json"
 
     done = subprocess.run(
@@ -34,7 +34,7 @@ def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None
 
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(results_file.read_text())
-    for server in ("project", "baseline"):
+    for server in ("project", "baseline", "prototype"):
         figures = results["servers"][server]["figures"]
         assert set(figures) == {figure.key for figure in report.FIGURES}, server
         for rate in ("check_rps", "smoke_rps", "probe_load_rps"):
@@ -47,7 +47,11 @@ def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None
         assert 0 < figures["start_to_ok_ms"] < 30_000, server
         assert 10 < figures["idle_rss_mib"] <= figures["loaded_rss_mib"] + 5, server
         assert figures["watch_streams"] == figures["watch_delivered"] == WATCHERS, server
+        assert figures["storm_streams"] == WATCHERS, server
         assert figures["failures"] == 0, server
+    for server in ("project", "prototype"):  # the stock servicer may deadlock in the storm: a figure
+        figures = results["servers"][server]["figures"]
+        assert figures["storm_probe_failures"] == 0 and 0 < figures["storm_probe_p99_ms"] < 1000, server
     assert results["ratios"]["check_rps"] > 0
     assert results["problems"] == []
     http = results["http"]
@@ -56,10 +60,12 @@ def test_quick_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None
     assert all(value > 0 for key, value in http.items() if key != "failures"), http
     assert "| `/readyz` against `Health/Check` req/s (c8 m16) |" in done.stdout
     assert "| Check req/s (c8 m16, one core) |" in done.stdout
+    assert "| server design | petsage-grpc (grpc.aio) | sync prototype (sync + callbacks) | ratio |" in done.stdout
+    assert results["design_ratios"]["check_rps"] > 0
     assert "`serve --workers 2`" in done.stdout
 
 
-@pytest.fixture(params=[PROJECT, BASELINE], ids=lambda kind: kind.key)
+@pytest.fixture(params=[PROJECT, BASELINE, PROTOTYPE], ids=lambda kind: kind.key)
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     kind: Kind = request.param
     started = Server(kind, CPUS, tmp_path)

@@ -11,15 +11,16 @@ with it: that is the logging check.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
-import queue
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from petsage_grpc.logs.records import PROBE_ATTR, SHEDDABLE_ATTR
+from petsage_grpc.logs.records import PROBE_ATTR, SHEDDABLE_ATTR, probe_record
 from petsage_grpc.logs.sinks import FileSink, Sink
 from petsage_grpc.logs.stderr import stderr_line
 
@@ -33,11 +34,15 @@ QUEUE_SIZE = 10_000
 SHED_ABOVE = QUEUE_SIZE // 2
 #: Records written to the sinks in one ``os.write``.
 BATCH_SIZE = 256
-#: Seconds the writer lets ordinary records gather before writing them.  Waking
-#: the writer thread for every record (one per call, with the access log) cost
-#: about a fifth of the server's calls per second; a probe record, which a
-#: SmokeTest waits for, or a warning ends the wait at once.
+#: Seconds the writer lets records gather before writing them.  Waking the writer
+#: thread for every record (one per call, with the access log) cost about a fifth
+#: of the server's calls per second; a warning, or a probe record that a lone
+#: SmokeTest waits for, ends the wait at once.
 LINGER = 0.005
+#: Probes waiting for confirmation that are written at once, together.
+FLUSH_AT = 8
+#: Seconds fewer probes that come together wait, at most, for others to join them.
+FLUSH_DELAY = 0.002
 _STOP = object()
 
 
@@ -81,8 +86,12 @@ class LogPipeline:
     def __init__(self, sinks: Sequence[Sink], formatter: logging.Formatter) -> None:
         self.sinks = tuple(sinks)
         self._formatter = formatter
-        self._queue: queue.Queue[object] = queue.Queue(QUEUE_SIZE)
-        self._urgent = threading.Event()  # set when a queued record should not wait for LINGER
+        # A deque, not queue.Queue: append and popleft are atomic, so a record costs no lock and no
+        # condition variable; the writer is woken only when it sleeps, or when a record is urgent.
+        self._queue: collections.deque[object] = collections.deque()
+        self._wake = threading.Event()  # set: the writer should look now
+        self._asleep = False  # the writer waits for a first record (producers then wake it)
+        self._urgent = False  # a record should not wait for LINGER (a probe's flush, a warning, the stop)
         # Probe id -> the loop and future of the confirm() waiting for it.
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Delivery]]] = {}
         self._failure_listeners: list[Callable[[], None]] = []
@@ -92,30 +101,43 @@ class LogPipeline:
         self._dropped_queue = 0
         self._shed = 0
         self._write_failures = {sink.name: 0 for sink in self.sinks}
+        self._id_prefix = secrets.token_hex(8)  # this pipeline's probes: unique across processes
+        self._probe_numbers = itertools.count(1)
         # Set from a signal handler: a plain attribute, since taking a lock there could deadlock.
         self._reopen_requested = False
+        # Flushes asked of the event loop, at once or after FLUSH_DELAY (read and set there only).
+        self._flush_now = self._flush_later = False
+        self._last_batch_probes = 0  # probes the writer's last batch carried (written by the writer only)
         self.handler = _QueueHandler(self)
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     # -- producer side (any thread) -------------------------------------------------
     def enqueue(self, record: logging.LogRecord) -> None:
-        """Queue ``record``; when the queue is full (half full for a sheddable one), drop and count it."""
-        # len() of the queue's deque needs no lock (qsize() takes one): close enough for a threshold.
-        if getattr(record, SHEDDABLE_ATTR, False) and len(self._queue.queue) >= SHED_ABOVE:
+        """Queue ``record``; when the queue is full (half full for a sheddable one), drop and count it.
+
+        The bound is checked, then the record appended, without a lock: producers on several threads
+        may overshoot it by one record each.
+        """
+        waiting = len(self._queue)
+        if getattr(record, SHEDDABLE_ATTR, False) and waiting >= SHED_ABOVE:
             with self._dropped_lock:
                 self._shed += 1
             return
-        try:
-            self._queue.put_nowait(record)
-            if record.levelno >= logging.WARNING or hasattr(record, PROBE_ATTR):
-                self._urgent.set()
-        except queue.Full:
+        if waiting >= QUEUE_SIZE:
             with self._dropped_lock:
                 self._dropped_queue += 1
             probe_id = getattr(record, PROBE_ATTR, None)
             if probe_id is not None:
                 self._resolve([probe_id], {"queue": f"log queue full ({QUEUE_SIZE} records waiting)"})
+            return
+        self._queue.append(record)
+        # A probe's flush is asked for by confirm(), for all the probes of a moment at once.
+        if record.levelno >= logging.WARNING:
+            self._urgent = True
+            self._wake.set()
+        elif self._asleep:  # the first record after a quiet spell: the writer starts its LINGER
+            self._wake.set()
 
     @property
     def dropped(self) -> int:
@@ -150,6 +172,8 @@ class LogPipeline:
     async def confirm(self, timeout: float) -> Delivery:
         """Write a tagged INFO record and wait until every sink has reported on it.
 
+        A lone confirmation is written at once; confirmations that come
+        together share the writer's next batch (within :data:`LINGER`).
         Raises ``TimeoutError`` naming the cause when the writer does not
         answer within ``timeout`` seconds (a stuck write or a dead thread).
         """
@@ -157,12 +181,13 @@ class LogPipeline:
             raise TimeoutError("the log writer thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Delivery] = loop.create_future()
-        probe_id = uuid.uuid4().hex
+        # Unique without uuid4: a counter after a random prefix, no system call per probe.
+        probe_id = f"{self._id_prefix}{next(self._probe_numbers):08x}"
         self._waiters[probe_id] = (loop, future)
         try:
-            logging.getLogger(PROBE_LOGGER).info(
-                "logging probe %s", probe_id, extra={PROBE_ATTR: probe_id}
-            )
+            # Straight into the queue: Logger.info would look up the caller's frame and thread for nothing.
+            self.enqueue(probe_record(PROBE_LOGGER, probe_id))
+            self._ask_flush(loop)
             async with asyncio.timeout(timeout):  # unlike wait_for, no task per call
                 return await future
         except TimeoutError:
@@ -173,17 +198,40 @@ class LogPipeline:
         finally:
             self._waiters.pop(probe_id, None)
 
+    def _ask_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the writer write soon for the probes waiting, sharing one wake-up among them.
+
+        A probe alone (no other waiting, and the writer's last batch carried
+        at most one) is written at once, and so are :data:`FLUSH_AT` waiting
+        probes; fewer that come together are written :data:`FLUSH_DELAY`
+        after the first.  Waking the writer for each probe made it take the
+        GIL from the event loop at every SmokeTest: under load, SmokeTest ran
+        at 0.7 of Check's rate, against 0.85-0.9 with these rules.
+        """
+        waiting = len(self._waiters)
+        if waiting >= FLUSH_AT or (waiting == 1 and self._last_batch_probes <= 1):
+            if not self._flush_now:
+                self._flush_now = True
+                loop.call_soon(self._flush)
+        elif not self._flush_later:
+            self._flush_later = True
+            loop.call_later(FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        """End the writer's wait for more records (event loop thread): probes are waiting for it."""
+        self._flush_now = self._flush_later = False
+        self._urgent = True
+        self._wake.set()
+
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the writer and close the sinks."""
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
-        self._urgent.set()
+        self._queue.append(_STOP)
+        self._urgent = True
+        self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             # A stuck writer at exit: what is still queued is lost, and said so where it can be seen.
-            stderr_line(f"petsage-grpc: {self._queue.qsize()} log record(s) not written at exit: "
+            stderr_line(f"petsage-grpc: {len(self._queue)} log record(s) not written at exit: "
                         f"the log writer is stuck (a sink write blocked for {timeout:g}s)")
             return
         for sink in self.sinks:
@@ -200,15 +248,22 @@ class LogPipeline:
 
     def _run_batch(self) -> bool:
         """Write one batch; False once the stop marker is reached."""
-        batch = [self._queue.get()]
-        if self._queue.qsize() < BATCH_SIZE:
-            self._urgent.wait(LINGER)  # let more records gather, unless one is urgent
-        self._urgent.clear()
-        while len(batch) < BATCH_SIZE:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        pending = self._queue
+        if not pending:
+            self._asleep = True
+            if not pending:  # looked at again once producers can see the flag: no wake-up is lost
+                self._wake.wait()
+            self._asleep = False
+            self._wake.clear()
+        if len(pending) < BATCH_SIZE and not self._urgent:
+            self._wake.wait(LINGER)  # let more records gather, unless a probe or a warning is waiting
+            self._wake.clear()
+        self._urgent = False
+        batch: list[object] = []
+        while len(batch) < BATCH_SIZE and pending:
+            batch.append(pending.popleft())
+        if pending:  # a full batch left records behind, whose flush may have been asked for already
+            self._urgent = True
         records = [r for r in batch if isinstance(r, logging.LogRecord)]
         if records:
             self._write(records)
@@ -237,6 +292,7 @@ class LogPipeline:
                 except Exception as exc:
                     stderr_line(f"petsage-grpc: log failure listener error: {exc!r}")
         probes = [getattr(record, PROBE_ATTR) for record in records if hasattr(record, PROBE_ATTR)]
+        self._last_batch_probes = len(probes)
         if probes:
             self._resolve(probes, errors)
 

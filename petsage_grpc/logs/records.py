@@ -80,3 +80,13 @@ def light_record(name: str, msg: str, args: tuple[object, ...], fields: dict[str
         FIELDS_ATTR: fields, SHEDDABLE_ATTR: True,
     })
     return record
+
+
+def probe_record(name: str, probe_id: str) -> logging.LogRecord:
+    """The INFO record ``logging probe <probe_id>`` of logger ``name``, tagged for the pipeline to confirm.
+
+    Made directly, as :func:`light_record` makes an access record, but never sheddable.
+    """
+    record = light_record(name, "logging probe %s", (probe_id,), {})
+    record.__dict__.update({PROBE_ATTR: probe_id, SHEDDABLE_ATTR: False, FIELDS_ATTR: None})
+    return record

@@ -10,6 +10,7 @@ or serves alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -29,6 +30,11 @@ from petsage_grpc.server.workers import BEAT, HEARTBEAT_INTERVAL, READY, Worker,
 from petsage_grpc.settings import SettingError, unknown_variables
 
 _LOGGER = logging.getLogger(__package__)
+#: The garbage collector's thresholds in a server process.  With Python's own (700, 10, 10), full
+#: collections, which walk every live object, ran during a Watch fan-out to 10,000 streams and
+#: doubled its time (p50 613 ms, against 323 ms with these). Nearly every object of a call is freed
+#: by its reference count; these only let cyclic garbage wait a little longer.
+GC_THRESHOLDS = (50_000, 20, 20)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -88,6 +94,8 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
             scheme = "http" if server.settings.tls_cert is None else "https"
             _LOGGER.info("HTTP health on %s://%s%s", scheme, server.http_address,
                          " (metrics at /metrics)" if server.settings.metrics else "")
+        # What start-up made lives as long as the process: out of every later collection's walk.
+        gc.freeze()
         if worker is None:
             _LOGGER.info("serving on %s", address)
         else:
@@ -137,6 +145,7 @@ def run(server: PetSageServer, *, prog: str = "petsage-grpc serve") -> int:
                 sinks.append(FileSink(settings.log_file))
             except OSError as exc:
                 raise SettingError(f"cannot open --log-file {settings.log_file!r}: {exc.strerror}") from None
+        gc.set_threshold(*GC_THRESHOLDS)
         pipeline = configure(sinks, settings.log_format, settings.log_level,
                              None if worker is None else worker.name)
         _reopen_on_hangup(pipeline)
