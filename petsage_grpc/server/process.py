@@ -32,9 +32,11 @@ from petsage_grpc.settings import SettingError, unknown_variables
 _LOGGER = logging.getLogger(__package__)
 #: The garbage collector's thresholds in a server process.  With Python's own (700, 10, 10), full
 #: collections, which walk every live object, ran during a Watch fan-out to 10,000 streams and
-#: doubled its time (p50 613 ms, against 323 ms with these). Nearly every object of a call is freed
-#: by its reference count; these only let cyclic garbage wait a little longer.
-GC_THRESHOLDS = (50_000, 20, 20)
+#: doubled its time.  Rare full collections cure that; young collections stay small, since a
+#: pause in one is a pause of every call: with (50_000, 20, 20) a Check probe's p99 under SmokeTest
+#: load went from 6 ms to 60 ms.  Side by side (bench sessions, 2 rounds): these gave probe p99
+#: 6-9 ms and fan-out p99 486-556 ms, against 6-10 ms and 975-1,066 ms with Python's own.
+GC_THRESHOLDS = (5_000, 10, 100)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
