@@ -3,8 +3,11 @@
 The exit codes follow grpc_health_probe's contract (0 serving, 1 bad
 arguments, 2 connection failure, 3 RPC failure, 4 not serving), which
 ``probe`` must keep to the letter and ``smoke`` and ``serve`` share, so a
-script reads every command the same way.  A process ended by a second
-signal N exits 128+N, as a shell reports it; that is not a member here.
+script reads every command the same way.  ``fleet``, which checks many
+servers at once, adds one code of its own (5, too few instances) after
+them; when several apply to it, :mod:`petsage_grpc.cli.fleet.summary`
+says which one wins.  A process ended by a second signal N exits 128+N, as a shell
+reports it; that is not a member here.
 
 This module imports nothing heavy: the probe imports it before grpc.
 """
@@ -31,6 +34,8 @@ class ExitCode(enum.IntEnum):
     RPC_FAILED = 3
     #: The server answered, but not SERVING (``probe``) or not OK (``smoke``).
     UNHEALTHY = 4
+    #: Too few instances (``fleet``): a target resolved to nothing, or fewer than ``--min-instances`` answered.
+    NO_INSTANCES = 5
 
 
 #: The gRPC status codes 0..16 as grpc-go spells them.

@@ -77,8 +77,16 @@ def test_manifest_is_valid_for_kubernetes(manifest: Resource, version: str) -> N
     kubernetes_validate.validate(manifest, version, strict=True)
 
 
-def test_manifests_hold_the_deployment_and_its_service() -> None:
-    assert sorted(doc["kind"] for _, doc in load_manifests()) == ["Deployment", "Service"]
+def service(name: str) -> Resource:
+    """The Service called ``name`` (a fresh copy, free to change)."""
+    [found] = [doc for _, doc in load_manifests() if doc["kind"] == "Service" and doc["metadata"]["name"] == name]
+    return found
+
+
+def test_manifests_hold_the_deployment_and_its_services() -> None:
+    """The Service clients call, and the headless one that names every pod for ``petsage-grpc fleet``."""
+    assert sorted((doc["kind"], doc["metadata"]["name"]) for _, doc in load_manifests()) == [
+        ("Deployment", "petsage-grpc"), ("Service", "petsage-grpc"), ("Service", "petsage-grpc-headless")]
 
 
 BREAKAGES: dict[str, Callable[[Resource], None]] = {
@@ -150,9 +158,10 @@ def test_pod_runs_as_non_root_with_a_read_only_root_filesystem() -> None:
 
 def test_service_links_cannot_set_the_servers_variables() -> None:
     # Kubernetes gives every pod NAME_SERVICE_HOST, NAME_PORT, ... for each Service of its namespace.
-    injected_prefix = resource("Service")["metadata"]["name"].upper().replace("-", "_") + "_"
-    if injected_prefix.startswith(config.ENV_PREFIX):
-        assert resource("Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    for _, doc in load_manifests():
+        injected_prefix = doc["metadata"]["name"].upper().replace("-", "_") + "_"
+        if doc["kind"] == "Service" and injected_prefix.startswith(config.ENV_PREFIX):
+            assert resource("Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 
 def test_resources_fit_the_idle_server_and_every_watcher() -> None:
@@ -176,20 +185,34 @@ def test_prometheus_scrapes_the_http_port() -> None:
 
 
 def test_service_selects_the_pods_and_targets_their_ports() -> None:
-    deployment, service = resource("Deployment"), resource("Service")
-    selector = service["spec"]["selector"]
+    deployment, clusterip = resource("Deployment"), service("petsage-grpc")
+    selector = clusterip["spec"]["selector"]
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["selector"]["matchLabels"] == selector
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert "app.kubernetes.io/name" in selector
-    assert service["spec"]["type"] == "ClusterIP"
+    assert clusterip["spec"]["type"] == "ClusterIP"
     ports = container_ports()
-    exposed = {port["name"]: port for port in service["spec"]["ports"]}
+    exposed = {port["name"]: port for port in clusterip["spec"]["ports"]}
     assert {name: port["port"] for name, port in exposed.items()} == {"grpc": 50051}
     assert exposed["grpc"]["appProtocol"] == "grpc"
     for name, port in exposed.items():
         target = port["targetPort"]
         assert (ports.get(target) if isinstance(target, str) else target) == ports[name], name
+
+
+def test_headless_service_names_every_ready_pod_with_a_grpc_srv_record() -> None:
+    """``fleet srv:_grpc._tcp.petsage-grpc-headless...`` needs: no virtual IP, ready pods only, a port named grpc."""
+    headless, clusterip = service("petsage-grpc-headless"), service("petsage-grpc")
+    spec = headless["spec"]
+    assert spec["clusterIP"] == "None" and "type" not in spec  # headless: DNS answers each pod's address
+    assert spec["publishNotReadyAddresses"] is False  # a pod starting or draining is no instance to check
+    assert spec["selector"] == clusterip["spec"]["selector"] == resource("Deployment")["spec"]["selector"][
+        "matchLabels"]
+    # The SRV record _grpc._tcp.NAME exists for a port named grpc with protocol TCP, on the container's grpc port.
+    [port] = spec["ports"]
+    assert (port["name"], port["protocol"], port["appProtocol"]) == ("grpc", "TCP", "grpc")
+    assert container_ports()[port["targetPort"]] == port_of(container_settings().address)
 
 
 def test_deployment_args_serve_its_probes_and_stop_within_the_grace_period(start_server: Start) -> None:

@@ -1,4 +1,4 @@
-"""The ``petsage-grpc`` command: ``serve``, ``smoke`` and ``probe``, one module (or package) each.
+"""The ``petsage-grpc`` command: ``serve``, ``smoke``, ``probe`` and ``fleet``, one module (or package) each.
 
 :func:`main` is the console script's entry point; ``petsage_grpc.cli.dispatch``
 dispatches to the subcommands, importing only the one that runs.

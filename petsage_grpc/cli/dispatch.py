@@ -1,4 +1,4 @@
-"""Dispatching ``petsage-grpc COMMAND ...`` to ``serve``, ``smoke`` or ``probe``.
+"""Dispatching ``petsage-grpc COMMAND ...`` to ``serve``, ``smoke``, ``probe`` or ``fleet``.
 
 ``main(argv, environ)`` returns the exit code.  It reads the environment
 (handing it to each subcommand) and leaves logging and signal handling to
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands "probe" to its own parser first.
     commands.add_parser("probe", add_help=False,
                         help="check health as grpc_health_probe does (same flags, exit codes and messages)")
+    # Listed for --help only, as the probe: main() hands "fleet" to its own parser.
+    commands.add_parser("fleet", add_help=False,
+                        help="check every instance behind DNS names (A/AAAA or SRV records) at once")
     parser.set_defaults(subparsers=commands.choices)
     return parser
 
@@ -69,6 +72,11 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         from petsage_grpc.cli.probe import main as probe
 
         return probe.main(argv[1:], exit_process=True)
+    if argv[:1] == ["fleet"]:
+        # Targets and flags may come in any order, which the Go-style flags need read by the fleet itself.
+        from petsage_grpc.cli.fleet import main as fleet
+
+        return fleet.main(argv[1:])
     parser = build_parser()
     try:
         if argv[:1] == ["smoke"]:  # the probe's flags, read as the probe reads them
