@@ -32,6 +32,7 @@ import xmlschema
 import yaml  # type: ignore[import-untyped, unused-ignore]  # PyYAML ships no types
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from petsage_grpc.cli import output
 from petsage_grpc.cli.fleet import checks, report, results, summary, targets
 from petsage_grpc.cli.fleet.main import build_parser, split_arguments
 from petsage_grpc.codes import ExitCode
@@ -151,7 +152,7 @@ def assert_shape(document: dict[str, Any]) -> None:
     for target in document["targets"]:
         assert_keys(target, TARGET_KEYS, "target")
         assert target["kind"] in ("dns", "srv", "address")
-        assert target["problem"] in (None, "no_instances", "dns_failed")
+        assert target["problem"] in (None, "no_instances", "dns_failed", "too_many")
     for instance in document["instances"]:
         assert_keys(instance, INSTANCE_KEYS, "instance")
         assert instance["outcome"] in ("serving", "not_serving", "rpc_failed", "unreachable")
@@ -407,6 +408,36 @@ def test_a_dns_server_that_never_answers_is_one_line_and_exit_2() -> None:
         f"petsage-grpc fleet: api.fleet.test:50051: no answer from {server} for api.fleet.test within 0.3s"])
 
 
+def test_the_run_deadline_bounds_the_lookups_that_queue_for_the_resolver() -> None:
+    """As found in review: each query had its own limit, but lookups waiting for a query slot had none.
+
+    40 names ask 80 queries of a server that never answers, 16 at a time: past --timeout, the
+    lookups still queued end as one line each saying so, instead of the run taking 5 rounds.
+    """
+    names = [f"host{number}.fleet.test:50051" for number in range(40)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        server = f"127.0.0.1:{silent.getsockname()[1]}"
+        done = fleet(*names, "--dns-server", server, "--dns-timeout", "1s", "--timeout", "1s")
+
+    assert done.returncode == ExitCode.CONNECTION
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(names), lines
+    assert "petsage-grpc fleet: host39.fleet.test:50051: --timeout 1s ran out while looking it up" in lines
+
+
+def test_a_name_with_more_addresses_than_max_instances_is_refused_and_none_is_checked(
+        dns_server: Callable[..., DnsServer]) -> None:
+    dns = dns_server(hosts={"big.fleet.test": [f"127.0.0.{last}" for last in range(10, 15)]})
+
+    done = fleet("big.fleet.test:1", "--dns-server", dns.address, "--max-instances", "4", "--json")
+
+    assert (done.returncode, done.stderr.splitlines()) == (ExitCode.USAGE, [
+        "petsage-grpc fleet: big.fleet.test:1: 5 addresses, more than --max-instances 4"])
+    document = as_json(done)
+    assert document["instances"] == [] and document["targets"][0]["problem"] == "too_many"
+
+
 def test_a_dns_server_that_refuses_is_one_line_and_exit_2(dns_server: Callable[..., DnsServer]) -> None:
     dns = dns_server()  # serves fleet.test only, and refuses any other name (it has no upstream)
 
@@ -449,12 +480,16 @@ def test_help_is_plain_text_with_the_exit_codes_and_their_order() -> None:
 
     assert (done.returncode, done.stderr) == (0, "")
     assert not re.search(r"``|:class:|:func:|:mod:", text)
-    assert "exit codes (when several apply, the first of this list): 1 bad arguments 2 a DNS server" in text
+    assert ("exit codes (when several apply, the first of this list): 1 bad arguments, or a target gave more than "
+            "--max-instances 2 a DNS server") in text
     assert "--concurrency N instances checked at once [default 16]" in text
 
 
 @pytest.mark.parametrize(("args", "message"), [
     ([], "no target given: expected NAME:PORT, srv:NAME or IP:PORT"),
+    # As found in review: grpc refused the value on every call with a traceback of its own, exit 1, no table.
+    (["127.0.0.1:1", "-rpc-header", "x: caf\u00e9"],
+     "invalid RPC header 'x: caf\u00e9': a value must be printable ASCII (a key ending in -bin carries any bytes)"),
     (["nohost"], "invalid target 'nohost': expected NAME:PORT, srv:NAME or IP:PORT"),
     (["::1:50051"], "invalid target '::1:50051': expected NAME:PORT, srv:NAME or IP:PORT (an IPv6 address goes in "
                     "brackets: [::1]:50051)"),
@@ -795,3 +830,10 @@ def test_the_readmes_job_runs_fleet_against_the_headless_service_with_the_deploy
         targets.parse_target(f"srv:_{port_name}._tcp.{headless['metadata']['name']}.prod.svc.cluster.local")]
     replicas = resource("Deployment")["spec"]["replicas"]
     assert parsed.smoke and parsed.min_instances == replicas
+
+
+def test_what_a_server_says_is_printed_on_one_line_with_its_control_characters_escaped() -> None:
+    # A SmokeTest message, an error's details, a name from List: never a second line, never a terminal escape.
+    assert output.printable("ok") == "ok"
+    assert output.printable("bad\nsecond line\x1b[31m red\t") == "bad\\nsecond line\\x1b[31m red\\t"
+    assert output.printable("caf\u00e9 \u2713") == "caf\u00e9 \u2713"  # printable letters stay as they are

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
     from typing import TextIO
 
 
+def printable(text: str) -> str:
+    r"""``text`` with its control characters escaped (``\n``, ``\x1b``): what a server said, on one line.
+
+    A server's words (a message, an error's details, a name it lists) must not
+    break the one-line rule, nor move a terminal's cursor or colour a CI log.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
 def result(text: str, prog: str) -> bool:
     """Print ``text`` (and a newline) on stdout, flushed; on failure say so on stderr and return False."""
     try:

@@ -173,7 +173,7 @@ class LogPipeline:
         """Write a tagged INFO record and wait until every sink has reported on it.
 
         A lone confirmation is written at once; confirmations that come
-        together share the writer's next batch (within :data:`LINGER`).
+        together share the writer's next batch (see :meth:`_ask_flush`).
         Raises ``TimeoutError`` naming the cause when the writer does not
         answer within ``timeout`` seconds (a stuck write or a dead thread).
         """

@@ -97,6 +97,8 @@ async def serve(server: PetSageServer, pipeline: LogPipeline, worker: Worker | N
             _LOGGER.info("HTTP health on %s://%s%s", scheme, server.http_address,
                          " (metrics at /metrics)" if server.settings.metrics else "")
         # What start-up made lives as long as the process: out of every later collection's walk.
+        # Collected first, so that no garbage of start-up is frozen with it for good.
+        gc.collect()
         gc.freeze()
         if worker is None:
             _LOGGER.info("serving on %s", address)

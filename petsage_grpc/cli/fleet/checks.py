@@ -18,6 +18,7 @@ import asyncio
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -100,11 +101,21 @@ def pause(retry: int, rng: random.Random) -> float:
 class Checker:
     """Checks instances as ``plan`` says, all within ``deadline`` (the event loop's clock)."""
 
-    def __init__(self, plan: Plan, deadline: float, timeout: float) -> None:
+    def __init__(self, plan: Plan, deadline: float, timeout: float, concurrency: int) -> None:
         self.plan = plan
         self.deadline = deadline
         self.timeout = timeout  # --timeout, for messages
         self.rng = random.Random()
+        # -tls-no-verify fetches each certificate with a blocking handshake: a thread for each instance
+        # checked at once, not asyncio's default pool, which has fewer (a fetch queued there would
+        # spend its -connect-timeout waiting for a thread).
+        self._fetchers: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(concurrency, thread_name_prefix="tls-fetch") if plan.tls_no_verify else None)
+
+    def close(self) -> None:
+        """Let the certificate fetches end on their own (each within -connect-timeout); start no more."""
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     def late(self, instance: Instance) -> InstanceResult:
         """The result of an instance whose turn never came before the deadline."""
@@ -126,6 +137,10 @@ class Checker:
             ran_out = f"--timeout {dial.format_duration(self.timeout)} ran out"
             result.error = f"{ran_out} during a call" if result.reached else f"no connection before {ran_out}"
             result.call_failed = result.reached  # a call cut short is a failed call, whatever the others said
+        except Exception as exc:  # grpc's own failures outside a status (e.g. a refused call batch)
+            # One instance's surprise is that instance's failed call, never the end of the run.
+            result.error, result.call_failed = f"check failed: {type(exc).__name__}: {exc}", True
+            result.reached = True
         result.elapsed_seconds = asyncio.get_running_loop().time() - started
         return result
 
@@ -153,8 +168,8 @@ class Checker:
             from petsage_grpc.tls import trust_presented_certificate
 
             # A blocking fetch of the certificate the instance presents: off the event loop.
-            credentials, options = await asyncio.to_thread(
-                trust_presented_certificate, instance.address, timeout, plan.tls, dial.FLAG_NAMES)
+            credentials, options = await asyncio.get_running_loop().run_in_executor(
+                self._fetchers, trust_presented_certificate, instance.address, timeout, plan.tls, dial.FLAG_NAMES)
             return credentials, options
         # The name the certificate must carry: -tls-server-name, else the DNS name the instance was found under.
         name = plan.tls.server_name or instance.server_name

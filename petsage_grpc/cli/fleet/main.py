@@ -31,7 +31,7 @@ may list several, comma-separated. Connection and TLS flags are the probe's.
 Prints a table (or --json) on stdout and one line per problem on stderr."""
 EPILOG = """\
 exit codes (when several apply, the first of this list):
-  1  bad arguments
+  1  bad arguments, or a target gave more than --max-instances
   2  a DNS server did not answer
   5  a target resolved to nothing, or fewer instances answered than
      --min-instances
@@ -43,6 +43,9 @@ DEFAULT_CONNECT_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_DNS_TIMEO
 DEFAULT_CONCURRENCY, DEFAULT_RETRIES = 16, 2
 #: Upper limits that catch a typo before it opens thousands of channels or waits for hours.
 MAX_CONCURRENCY, MAX_RETRIES = 1024, 10
+#: Instances one target may give (each costs a few KiB while the run lasts): a DNS answer can carry
+#: thousands of addresses, and an SRV name's hosts multiply them.
+DEFAULT_MAX_INSTANCES, MAX_MAX_INSTANCES = 1000, 100_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-instances", type=_count(0, 1_000_000), default=0, metavar="N",
                         help="fail (exit 5) when fewer than N instances answer [default 0: any number, though "
                              "each target must resolve to one at least]")
+    parser.add_argument("--max-instances", type=_count(1, MAX_MAX_INSTANCES), default=DEFAULT_MAX_INSTANCES,
+                        metavar="N", help="refuse a target that gives more instances (or SRV records) than N, "
+                                          f"checking none (exit 1) [default {DEFAULT_MAX_INSTANCES}]")
     parser.add_argument("--dns-server", metavar="IP[:PORT]",
                         help="DNS server to ask [default: those of /etc/resolv.conf, with its search domains]")
     parser.add_argument("--dns-timeout", type=dial.parse_duration, default=DEFAULT_DNS_TIMEOUT, metavar="DURATION",
@@ -134,9 +140,14 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     # The probe's rules, -addr aside (the targets stand for it).
     problem = dial.check(argparse.Namespace(**{**vars(args), "addr": args.targets[0]}))
     unwritable = None if args.junit is None else _unwritable(args.junit)
+    # grpc refuses such a value on every call, with a traceback of its own: refused once, here.
+    header = next((f"{key}: {value}" for key, value in args.rpc_header or ()
+                   if not key.endswith("-bin") and not all(" " <= char <= "~" for char in value)), None)
     rules = (
         (problem is not None, problem),
         (args.all and args.service, "cannot specify -service with --all (--all checks every service)"),
+        (header is not None, f"invalid RPC header {header!r}: a value must be printable ASCII "
+                             "(a key ending in -bin carries any bytes)"),
         (args.timeout <= 0, f"--timeout must be greater than zero (specified: {dial.format_duration(args.timeout)})"),
         (args.dns_timeout <= 0,
          f"--dns-timeout must be greater than zero (specified: {dial.format_duration(args.dns_timeout)})"),

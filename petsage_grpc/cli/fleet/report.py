@@ -14,10 +14,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import datetime
 
+from petsage_grpc.cli import output
 from petsage_grpc.cli.fleet.checks import Plan
 from petsage_grpc.cli.fleet.results import NOT_SERVING, RPC_FAILED, SERVING, UNREACHABLE, InstanceResult
 from petsage_grpc.cli.fleet.summary import Summary, describe
-from petsage_grpc.cli.fleet.targets import DNS_FAILED, Resolution
+from petsage_grpc.cli.fleet.targets import NO_INSTANCES, Resolution
 
 #: The RESULT column's words for each outcome (those of the summary line).
 RESULT_WORDS = {SERVING: "SERVING", NOT_SERVING: "NOT_SERVING", RPC_FAILED: "RPC failed", UNREACHABLE: "unreachable"}
@@ -55,6 +56,7 @@ def table(results: Sequence[InstanceResult], plan: Plan, summary: Summary) -> st
                 cell += f" ({', '.join(str(check['name']) for check in smoke.failing_checks)})"
             row.append(cell)
         rows.append([*row, _milliseconds(result.latency_seconds), RESULT_WORDS[result.outcome]])
+    rows = [[output.printable(cell) for cell in row] for row in rows]  # names and ids come from the servers
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([*lines, "", summary.line()])
@@ -134,7 +136,8 @@ def junit(resolutions: Sequence[Resolution], results: Sequence[InstanceResult], 
     for resolution in resolutions:
         ET.SubElement(properties, "property", name="target", value=_xml(resolution.target.text))
     for resolution in resolutions:
-        kind = None if resolution.problem is None else "error" if resolution.problem == DNS_FAILED else "failure"
+        # Nothing found is the fleet's failure; no answer, or too many to check, the check's error.
+        kind = None if resolution.problem is None else "failure" if resolution.problem == NO_INSTANCES else "error"
         _case(suite, f"resolve {resolution.target.text}", None, kind, resolution.problem or "", resolution.error or "")
     for result in results:
         _instance_cases(suite, result, plan)

@@ -21,7 +21,7 @@ from petsage_grpc.cli.fleet import PROG, report
 from petsage_grpc.cli.fleet.checks import Checker, Plan, run_bounded
 from petsage_grpc.cli.fleet.results import InstanceResult
 from petsage_grpc.cli.fleet.summary import problems, summarize
-from petsage_grpc.cli.fleet.targets import Resolution, Resolver, Target, instances
+from petsage_grpc.cli.fleet.targets import DNS_FAILED, Resolution, Resolver, Target, instances
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -52,11 +52,35 @@ async def _fleet(args: argparse.Namespace, checks: Plan, targets: list[Target], 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop, signum)
     deadline = loop.time() + args.timeout
-    resolver = Resolver(dns_server, min(args.dns_timeout, args.timeout))
-    resolutions = list(await asyncio.gather(*(resolver.resolve(target) for target in targets)))
-    checker = Checker(checks, deadline, args.timeout)
-    results = await run_bounded(instances(resolutions), checker.check, args.concurrency, deadline, checker.late)
+    resolver = Resolver(dns_server, min(args.dns_timeout, args.timeout), args.max_instances)
+    resolutions = await _look_up(resolver, targets, deadline, args.timeout)
+    checker = Checker(checks, deadline, args.timeout, args.concurrency)
+    try:
+        results = await run_bounded(instances(resolutions), checker.check, args.concurrency, deadline,
+                                    checker.late)
+    finally:
+        checker.close()
     return resolutions, results
+
+
+async def _look_up(resolver: Resolver, targets: list[Target], deadline: float, timeout: float) -> list[Resolution]:
+    """Every target's lookup, within the run's deadline: one still running then is a DNS failure.
+
+    Each query has its own limit, but an SRV name's host lookups queue for the
+    resolver's slots one after another: only the deadline bounds them all.
+    """
+    lookups = [asyncio.ensure_future(resolver.resolve(target)) for target in targets]
+    await asyncio.wait(lookups, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+    resolutions = []
+    for target, lookup in zip(targets, lookups, strict=True):
+        if lookup.done():
+            resolutions.append(lookup.result())
+            continue
+        lookup.cancel()
+        resolutions.append(Resolution(target, problem=DNS_FAILED, error=f"{target.text}: --timeout "
+                                      f"{dial.format_duration(timeout)} ran out while looking it up"))
+    await asyncio.gather(*lookups, return_exceptions=True)  # the cancelled ones have ended before the checks
+    return resolutions
 
 
 def run(args: argparse.Namespace, checks: Plan, targets: list[Target], dns_server: tuple[str, int] | None) -> int:
@@ -75,7 +99,7 @@ def run(args: argparse.Namespace, checks: Plan, targets: list[Target], dns_serve
             else report.table(results, checks, summary))
     output.result(text, PROG)
     for line in problems(resolutions, results, summary):
-        output.line(f"{PROG}: {line}")
+        output.line(f"{PROG}: {output.printable(line)}")
     if args.junit is not None:
         try:
             Path(args.junit).write_bytes(report.junit(resolutions, results, checks, summary, began, elapsed))

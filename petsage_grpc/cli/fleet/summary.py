@@ -5,7 +5,8 @@ first of this list wins, so the code names the earliest stage that failed
 (finding the instances, reaching them, calling them, their answers):
 
 ====  ========================================================================
-1     bad arguments (nothing was looked up or called; :mod:`.main` says so)
+1     bad arguments (nothing was looked up or called; :mod:`.main` says so), or a target that gave
+      more instances than ``--max-instances`` (none is called)
 2     a DNS server did not answer for a target: how many instances exist is unknown
 5     a target resolved to nothing, or fewer instances answered than ``--min-instances``
 2     an instance was not reached, ``--retries`` included
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from petsage_grpc.cli.fleet.results import NOT_SERVING, RPC_FAILED, SERVING, UNREACHABLE, InstanceResult
-from petsage_grpc.cli.fleet.targets import DNS_FAILED, NO_INSTANCES, Resolution
+from petsage_grpc.cli.fleet.targets import DNS_FAILED, NO_INSTANCES, TOO_MANY, Resolution
 from petsage_grpc.codes import ExitCode
 
 
@@ -62,6 +63,8 @@ def exit_code(resolutions: Sequence[Resolution], outcomes: Sequence[str], min_in
     """The exit code, by the precedence of the module's table."""
     reached = sum(outcome != UNREACHABLE for outcome in outcomes)
     problems = {resolution.problem for resolution in resolutions}
+    if TOO_MANY in problems:
+        return ExitCode.USAGE
     if DNS_FAILED in problems:
         return ExitCode.CONNECTION
     if NO_INSTANCES in problems or reached < min_instances:

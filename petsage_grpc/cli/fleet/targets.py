@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     import dns.asyncresolver
 
 #: A target's kinds, as the JSON document names them.
 DNS, SRV, ADDRESS = "dns", "srv", "address"
-#: What went wrong with a target: nothing found (exit code 5), or no DNS answer at all (exit code 2).
-NO_INSTANCES, DNS_FAILED = "no_instances", "dns_failed"
+#: What went wrong with a target: nothing found (exit code 5), no DNS answer at all (exit code 2), or more
+#: instances than ``--max-instances`` (exit code 1: the run checks none of them).
+NO_INSTANCES, DNS_FAILED, TOO_MANY = "no_instances", "dns_failed", "too_many"
 # A DNS name as resolvers take it: labels of letters, digits, "-" and "_" (SRV labels), an optional final dot.
 _NAME = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
                    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
@@ -37,6 +38,7 @@ _DO53 = re.compile(r"^Do53:(.+)@(\d+)$")
 FORMS = "NAME:PORT, srv:NAME or IP:PORT"
 #: DNS queries in flight at once.
 MAX_QUERIES = 16
+_Found = TypeVar("_Found")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Resolution:
 
     target: Target
     found: list[tuple[str, int, str | None]] = field(default_factory=list)
-    problem: str | None = None  # NO_INSTANCES or DNS_FAILED
+    problem: str | None = None  # NO_INSTANCES, DNS_FAILED or TOO_MANY
     error: str | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -140,11 +142,17 @@ def instances(resolutions: Sequence[Resolution]) -> list[Instance]:
 
 
 class Resolver:
-    """Looks targets up with dnspython: ``server`` (``(ip, port)``) or /etc/resolv.conf, within ``timeout`` each."""
+    """Looks targets up with dnspython: ``server`` (``(ip, port)``) or /etc/resolv.conf, within ``timeout`` each.
 
-    def __init__(self, server: tuple[str, int] | None, timeout: float) -> None:
+    A target that gives more than ``max_instances`` instances (or SRV records) fails
+    with :data:`TOO_MANY` as soon as that is known: a DNS answer can hold thousands of
+    records, and an SRV name's hosts multiply them.
+    """
+
+    def __init__(self, server: tuple[str, int] | None, timeout: float, max_instances: int) -> None:
         self.server = server
         self.timeout = timeout
+        self.max_instances = max_instances
         self._resolver: dns.asyncresolver.Resolver | None = None
         # An SRV name of a large fleet has a host per pod: its lookups are not all sent at once.
         self._queries = asyncio.Semaphore(MAX_QUERIES)
@@ -176,14 +184,20 @@ class Resolver:
         try:
             if target.kind == DNS:
                 name = target.name.rstrip(".")  # as a certificate names it
-                result.found += [(ip, target.port, name) for ip in await self._addresses(target.name)]
+                addresses = await self._addresses(target.name, search=self.server is None)
+                self._bound(len(addresses), "addresses")
+                result.found += [(ip, target.port, name) for ip in addresses]
             else:
                 services = await self._services(target.name)
+                self._bound(len(services), "SRV records")
                 hosts = list(dict.fromkeys(host for host, _ in services))
-                found = dict(zip(hosts, await asyncio.gather(*(self._host(host) for host in hosts)), strict=True))
-                result.found += [(ip, port, host) for host, port in services for ip in found[host]]
+                found = dict(zip(hosts, await _all(self._host(host) for host in hosts), strict=True))
+                # Named as a certificate names it: without the final dot.
+                result.found += [(ip, port, host.rstrip(".")) for host, port in services for ip in found[host]]
+                self._bound(len(result.found), "instances")
         except _Failure as failure:
             result.problem, result.error = failure.problem, f"{target.text}: {failure}"
+            result.found = []  # e.g. past --max-instances: none of them is checked
             return result
         # DNS servers rotate their answers: sorted, the table's rows stay in place from one run to the next.
         result.found.sort(key=lambda found: (ipaddress.ip_address(found[0]).version, ipaddress.ip_address(found[0]),
@@ -194,27 +208,32 @@ class Resolver:
         return result
 
     async def _services(self, name: str) -> list[tuple[str, int]]:
-        answer = await self._query(name, "SRV")
+        answer = await self._query(name, "SRV", search=self.server is None)
         # A target of "." means "no such service here" (RFC 2782); priority and weight choose among
-        # servers for a client, while a fleet check calls every one of them.
-        return list(dict.fromkeys((record.target.to_text(omit_final_dot=True), int(record.port))
+        # servers for a client, while a fleet check calls every one of them.  An SRV record's host is
+        # absolute: its final dot keeps the search domains out of its lookup (see _host).
+        return list(dict.fromkeys((record.target.to_text(), int(record.port))
                                   for record in answer if record.target.to_text() != "."))
 
+    def _bound(self, count: int, what: str) -> None:
+        if count > self.max_instances:
+            raise _Failure(TOO_MANY, f"{count} {what}, more than --max-instances {self.max_instances}")
+
     async def _host(self, host: str) -> list[str]:
-        """The addresses of an SRV record's host; none if it has none (the other hosts may)."""
+        """The addresses of an SRV record's host (absolute, so never searched); none if it has none."""
         try:
-            return await self._addresses(host)
+            return await self._addresses(host, search=False)
         except _Failure as failure:
             if failure.problem == NO_INSTANCES:
                 return []
             raise
 
-    async def _addresses(self, name: str) -> list[str]:
+    async def _addresses(self, name: str, search: bool) -> list[str]:
         """Every A and AAAA address of ``name`` (none, if it has neither)."""
-        answers = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"))
+        answers = await _all([self._query(name, "A", search), self._query(name, "AAAA", search)])
         return list(dict.fromkeys(record.to_text() for answer in answers for record in answer))
 
-    async def _query(self, name: str, rdtype: str) -> list[Any]:
+    async def _query(self, name: str, rdtype: str, search: bool) -> list[Any]:
         """The records of one type; none for a name without them; :class:`_Failure` for no such name or no answer."""
         import dns.exception
         import dns.resolver
@@ -222,7 +241,7 @@ class Resolver:
         try:
             async with self._queries:
                 # search: the system's search domains, as getaddrinfo would try them (dnspython's default is not).
-                answer = await self._get().resolve(name, rdtype, search=self.server is None)
+                answer = await self._get().resolve(name, rdtype, search=search)
         except dns.resolver.NoAnswer:
             return []
         except dns.resolver.NXDOMAIN:
@@ -236,6 +255,15 @@ class Resolver:
         except dns.exception.DNSException as exc:
             raise _Failure(DNS_FAILED, f"cannot look up {name}: {exc}") from None
         return list(answer)
+
+
+async def _all(lookups: Iterable[Awaitable[_Found]]) -> list[_Found]:
+    """Every lookup's result; the first failure only once all have ended, so that none is left running."""
+    results = await asyncio.gather(*lookups, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return cast("list[_Found]", results)
 
 
 class _Failure(Exception):
