@@ -74,6 +74,13 @@ class _Tally:
             self.settled.set()
 
 
+def _channels(address: str, count: int) -> list[grpc.aio.Channel]:
+    """Enough channels for ``count`` Watch streams, each with a connection of its own."""
+    # A local subchannel pool per channel: otherwise grpc shares one connection among them.
+    return [grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
+            for _ in range(-(-count // STREAMS_PER_CHANNEL))]
+
+
 async def _watch(stub: _health_pb2_grpc.HealthStub, opened: asyncio.Event, tally: _Tally) -> None:
     """One stream: open on the first status, then record when NOT_SERVING arrives after the change."""
     call = stub.Watch(_health_pb2.HealthCheckRequest(service=READINESS), timeout=WATCH_DEADLINE)
@@ -110,9 +117,7 @@ async def fan_out(address: str, count: int, rss_mib: Callable[[], float], change
     """
     result = FanOut(streams=count)
     before = rss_mib()
-    # A local subchannel pool per channel: otherwise grpc shares one connection among them.
-    channels = [grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
-                for _ in range(-(-count // STREAMS_PER_CHANNEL))]
+    channels = _channels(address, count)
     tally = _Tally()
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -184,8 +189,7 @@ async def cancel_storm(address: str, count: int, change: Callable[[], None], *, 
     start it with a drain longer than that).
     """
     result = Storm()
-    channels = [grpc.aio.insecure_channel(address, options=(("grpc.use_local_subchannel_pool", 1),))
-                for _ in range(-(-count // STREAMS_PER_CHANNEL))]
+    channels = _channels(address, count)
     tally = _Tally()
     tasks: list[asyncio.Task[None]] = []
     try:
