@@ -81,6 +81,15 @@ def _channels(address: str, count: int) -> list[grpc.aio.Channel]:
             for _ in range(-(-count // STREAMS_PER_CHANNEL))]
 
 
+async def _close(tasks: list[asyncio.Task[None]], channels: list[grpc.aio.Channel]) -> None:
+    """Cancel the streams' tasks, wait for them to end, then close their channels."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+
+
 async def _watch(stub: _health_pb2_grpc.HealthStub, opened: asyncio.Event, tally: _Tally) -> None:
     """One stream: open on the first status, then record when NOT_SERVING arrives after the change."""
     call = stub.Watch(_health_pb2.HealthCheckRequest(service=READINESS), timeout=WATCH_DEADLINE)
@@ -159,11 +168,7 @@ async def fan_out(address: str, count: int, rss_mib: Callable[[], float], change
             result.problems.append(f"{tally.early} streams were told NOT_SERVING before the signal")
         if tally.errors:
             result.problems.append(f"{len(tally.errors)} streams failed, e.g. {tally.errors[0]}")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+        await _close(tasks, channels)
     return result
 
 
@@ -212,9 +217,5 @@ async def cancel_storm(address: str, count: int, change: Callable[[], None], *, 
         seen = await probes.probe(address, probe_rate, probe_seconds, any_status=True)
         result.probe_latencies_ms, result.probe_failures = seen.latencies_ms, seen.failures
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+        await _close(tasks, channels)
     return result
